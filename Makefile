@@ -1,0 +1,42 @@
+# The course's commands. `make lab` and `make test` are the README's contract with users:
+# both create or refresh .venv from pyproject.toml (only when it changed), then do their job.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-from-pyproject
+NOTEBOOKS ?= $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+PYTEST := $(BIN)/python -m pytest
+NBVAL  := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
+          --nbval-kernel-startup-timeout 180
+
+.PHONY: lab test unit nbval e2e notebooks student bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev]'
+	touch $(STAMP)
+
+lab: $(STAMP)  ## open JupyterLab on the course
+	$(BIN)/jupyter lab --notebook-dir=notebooks
+
+test: $(STAMP)  ## unit tests, lint/recipe/student tests, every notebook under nbval, browser tests
+	$(PYTEST) -n 2 --dist loadscope $(NBVAL) tests notebooks
+
+unit: $(STAMP)  ## the unit tests only (fast)
+	$(PYTEST) -n 2 --dist loadscope tests --ignore=tests/e2e
+
+nbval: $(STAMP)  ## the notebooks under nbval only; NOTEBOOKS=notebooks/03_save_load.ipynb for one
+	$(PYTEST) -n 2 --dist loadscope $(NBVAL) $(NOTEBOOKS)
+
+notebooks: $(STAMP)  ## re-execute notebooks in place, fresh kernel, on the CPU
+	MVTK_DEVICE=cpu CUDA_VISIBLE_DEVICES= $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
+	    --ExecutePreprocessor.timeout=600 $(NOTEBOOKS)
+
+student: $(STAMP)  ## student copies (outputs cleared, solutions replaced) in student/
+	$(BIN)/python -m mvtk.student notebooks student
+
+bench: $(STAMP)  ## run every benchmark and print its table
+	set -e; for script in benchmarks/*.py; do echo "== $$script"; $(BIN)/python $$script; done
+
+clean:
+	rm -rf runs notebooks/runs student screenshots .pytest_cache

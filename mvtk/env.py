@@ -1,0 +1,121 @@
+"""Seeding, device choice, a versions report and the run folder (Lesson 00).
+
+Everything that makes a notebook's numbers repeatable lives here, in one place.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mvtk.errors import DeviceUnavailableError, InvalidArgumentError
+
+DEFAULT_THREADS = 2            # the course's reference machine has 2 cores
+MIN_TORCH = (2, 10)            # older releases have weights_only CVEs
+DEVICE_ENV_VAR = "MVTK_DEVICE"  # set to "cpu" to force the CPU (make notebooks does)
+COURSE_PACKAGES = ("torch", "torchvision", "numpy", "scikit-learn", "safetensors", "onnx",
+                   "onnxscript", "onnxruntime", "torchao", "tensorboard", "cryptography",
+                   "matplotlib", "ipywidgets", "jupyterlab")
+
+
+def seed_everything(seed: int = 0, *, deterministic: bool = True,
+                    threads: int | None = DEFAULT_THREADS) -> None:
+    """Seed python, numpy and torch (all devices), pick deterministic kernels, fix the thread count.
+
+    Lesson 00, §3. `threads=None` leaves torch's thread count as it is.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise InvalidArgumentError(f"seed must be an int in [0, 2**32), got {seed!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise InvalidArgumentError(f"threads must be a positive int or None, got {threads!r}")
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds the CPU and every CUDA device
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if deterministic:
+        # cuBLAS needs this workspace setting to be deterministic on CUDA >= 10.2.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        # warn_only: a kernel with no deterministic version warns instead of stopping the lesson.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def pick_device(prefer: str | None = None) -> torch.device:
+    """Choose the device once: `prefer`, else $MVTK_DEVICE, else CUDA, then MPS, then CPU.
+
+    Lesson 00, §2. Asking for a device this machine lacks raises DeviceUnavailableError.
+    """
+    choice = prefer if prefer is not None else os.environ.get(DEVICE_ENV_VAR, "auto")
+    if not isinstance(choice, str):
+        raise InvalidArgumentError(f"prefer must be a device name such as 'cpu' or 'cuda', got {choice!r}")
+    choice = choice.strip().lower()
+    available = available_devices()
+    if choice == "auto":
+        for kind in ("cuda", "mps", "cpu"):
+            if kind in available:
+                return torch.device(kind)
+    kind = choice.split(":")[0]
+    if kind not in ("cpu", "cuda", "mps"):
+        raise InvalidArgumentError(f"unknown device {choice!r}; expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    if kind not in available:
+        raise DeviceUnavailableError(f"device {choice!r} was asked for but this machine has only {available}")
+    device = torch.device(choice)
+    if kind == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DeviceUnavailableError(
+            f"device {choice!r} was asked for but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def available_devices() -> list[str]:
+    """The kinds of device torch can use here, CPU always last (Lesson 00, §2)."""
+    kinds = []
+    if torch.cuda.is_available():
+        kinds.append("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        kinds.append("mps")
+    return kinds + ["cpu"]
+
+
+def versions() -> dict[str, str]:
+    """Python, platform and the course's packages with their installed versions (Lesson 00, §1)."""
+    report = {"python": platform.python_version(), "platform": platform.platform(terse=True)}
+    for name in COURSE_PACKAGES:
+        try:
+            report[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            report[name] = "not installed"
+    report["cuda"] = torch.version.cuda or "none (CPU build)"
+    report["cuda devices"] = str(torch.cuda.device_count())
+    return report
+
+
+def check_torch_version(version: str | None = None) -> None:
+    """Raise if torch is older than the course needs (2.10: safe `weights_only` loading) (Lesson 00, §1)."""
+    text = version if version is not None else torch.__version__
+    try:
+        major, minor = (int(part) for part in text.split("+")[0].split(".")[:2])
+    except ValueError:
+        raise InvalidArgumentError(f"torch version {text!r} is not of the form 'MAJOR.MINOR[.PATCH]'") from None
+    if (major, minor) < MIN_TORCH:
+        raise InvalidArgumentError(
+            f"torch {text} is too old: the course needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]} "
+            "(older releases can run code while loading a checkpoint); run `make lab` to refresh .venv")
+
+
+def run_dir(lesson: str, root: str | os.PathLike = "runs", fresh: bool = True) -> Path:
+    """The folder a lesson writes to, `runs/<lesson>` (git-ignored); emptied first when `fresh` (Lesson 00, §4)."""
+    if not isinstance(lesson, str) or not lesson or any(sep in lesson for sep in "/\\") or lesson in (".", ".."):
+        raise InvalidArgumentError(f"lesson must be a plain folder name such as '03_save_load', got {lesson!r}")
+    path = Path(root) / lesson
+    if fresh and path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path

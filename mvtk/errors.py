@@ -1,0 +1,93 @@
+"""The exception types of mvtk, and `expect_error` for lessons that show an error on purpose.
+
+Every mvtk error names the thing that was wrong (a file, an argument, a version) and what
+was expected, so a learner can fix it without reading a traceback. Used by every lesson.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+
+class MvtkError(Exception):
+    """Base class of every error mvtk raises on purpose."""
+
+
+class InvalidArgumentError(MvtkError, ValueError):
+    """An argument has the wrong type or value (Lesson 00, §3)."""
+
+
+class DeviceUnavailableError(MvtkError, RuntimeError):
+    """A device was asked for that this machine does not have (Lesson 00, §2)."""
+
+
+class DatasetError(MvtkError, ValueError):
+    """A data set is unknown, missing on disk, or malformed (Lesson 02, §1)."""
+
+
+class InputShapeError(MvtkError, ValueError):
+    """A model received input of the wrong shape, dtype or values (Lesson 01, §5)."""
+
+
+class CheckpointError(MvtkError):
+    """A checkpoint file cannot be used: missing, truncated, corrupted, not a checkpoint (Lesson 03)."""
+
+
+class IntegrityError(CheckpointError):
+    """A file's SHA-256 checksum does not match the one recorded when it was saved (Lesson 03)."""
+
+
+class ArchitectureMismatchError(CheckpointError):
+    """A state_dict does not fit the model: missing, unexpected or reshaped keys (Lesson 03)."""
+
+
+class DecryptionError(CheckpointError):
+    """An encrypted file cannot be decrypted: wrong key or tampered bytes (Lesson 03)."""
+
+
+class RegistryError(MvtkError):
+    """A model-registry operation is not allowed or its store is inconsistent (Lesson 04)."""
+
+
+class NotFoundError(MvtkError, LookupError):
+    """A name, version or alias does not exist; the message lists what does (Lesson 04)."""
+
+
+class ParallelError(MvtkError, RuntimeError):
+    """A data-parallel set-up is wrong: backend, device count, process group (Lesson 05)."""
+
+
+class ExportError(MvtkError, RuntimeError):
+    """A model could not be exported or its export does not agree with PyTorch (Lesson 07)."""
+
+
+class MonitorError(MvtkError, ValueError):
+    """Monitoring input is unusable: empty batches, mismatched feature counts (Lesson 08)."""
+
+
+@contextlib.contextmanager
+def expect_error(expected: type[BaseException] | tuple[type[BaseException], ...] = Exception,
+                 match: str | None = None) -> Iterator[None]:
+    """Run code that must fail: print the exception's type and message, and raise if it does not fail.
+
+    Lets a lesson show an error on purpose while "Run All" still reaches the last cell
+    (Lesson 00, §3; used throughout Lesson 09). A different exception type propagates.
+    """
+    try:
+        yield
+    except expected as exc:  # the failure the lesson wants to show
+        message = str(exc).strip().splitlines()
+        first = message[0] if message else ""
+        if match is not None and match not in str(exc):
+            raise AssertionError(
+                f"expected a {_names(expected)} whose message contains {match!r}, got: {exc}") from exc
+        print(f"{type(exc).__name__}: {first}")
+        if len(message) > 1:
+            print("\n".join(message[1:]))
+    else:
+        raise AssertionError(f"expected {_names(expected)} to be raised, but the code ran without error")
+
+
+def _names(expected) -> str:
+    types = expected if isinstance(expected, tuple) else (expected,)
+    return " or ".join(t.__name__ for t in types)

@@ -1,0 +1,158 @@
+"""The course's models: an MLP, an MLP v2 with dropout, and a small CNN (Lesson 01).
+
+Layers are named (fc1, fc2, conv1, ...) rather than numbered, so state_dict keys read well
+in checkpoints (Lesson 03) and registry diffs (Lesson 04).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from mvtk.errors import InputShapeError, InvalidArgumentError
+
+NUM_CLASSES = 10
+
+
+class MLP(nn.Module):
+    """A one-hidden-layer perceptron: flatten -> Linear(in, hidden) -> ReLU -> Linear(hidden, classes).
+
+    Lesson 01, §4. Input: (N, 1, 8, 8) digits, or anything with `in_features` values per sample.
+    """
+
+    def __init__(self, in_features: int = 64, hidden: int = 128, num_classes: int = NUM_CLASSES):
+        super().__init__()
+        _check_positive(in_features=in_features, hidden=hidden, num_classes=num_classes)
+        self.in_features = in_features
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.flatten(x)
+        _check_features(x, self.in_features, type(self).__name__)
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class MLPv2(nn.Module):
+    """Version 2 of the MLP: wider, two hidden layers, dropout after each (Lesson 01, §4; Lesson 04)."""
+
+    def __init__(self, in_features: int = 64, hidden: int = 256, num_classes: int = NUM_CLASSES,
+                 dropout: float = 0.2):
+        super().__init__()
+        _check_positive(in_features=in_features, hidden=hidden, num_classes=num_classes)
+        if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise InvalidArgumentError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+        self.in_features = in_features
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.fc2 = nn.Linear(hidden, hidden // 2)
+        self.fc3 = nn.Linear(hidden // 2, num_classes)
+        self.act = nn.ReLU()
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.flatten(x)
+        _check_features(x, self.in_features, type(self).__name__)
+        x = self.drop(self.act(self.fc1(x)))
+        x = self.drop(self.act(self.fc2(x)))
+        return self.fc3(x)
+
+
+class SmallCNN(nn.Module):
+    """Two 3x3 convolutions, a 2x2 max-pool and two linear layers, for 1 x 16 x 16 digits.
+
+    Lesson 01, §5. The flatten size is computed from `input_size`, never hard-coded.
+    """
+
+    def __init__(self, in_channels: int = 1, input_size: int = 16, num_classes: int = NUM_CLASSES,
+                 channels: tuple[int, int] = (16, 32), hidden: int = 64):
+        super().__init__()
+        _check_positive(in_channels=in_channels, num_classes=num_classes, hidden=hidden,
+                        conv1_channels=channels[0], conv2_channels=channels[1])
+        if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 2:
+            raise InvalidArgumentError(f"input_size must be an int >= 2 (pixels per side), got {input_size!r}")
+        self.input_shape = (in_channels, input_size, input_size)
+        self.features = nn.Sequential()
+        self.features.add_module("conv1", nn.Conv2d(in_channels, channels[0], kernel_size=3, padding=1))
+        self.features.add_module("relu1", nn.ReLU())
+        self.features.add_module("conv2", nn.Conv2d(channels[0], channels[1], kernel_size=3, padding=1))
+        self.features.add_module("relu2", nn.ReLU())
+        self.features.add_module("pool", nn.MaxPool2d(2))
+        self.flatten = nn.Flatten()
+        self.flat_features = flatten_size(self.features, self.input_shape)
+        self.fc1 = nn.Linear(self.flat_features, hidden)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.input_shape:
+            raise InputShapeError(
+                f"SmallCNN expects input of shape (N, {', '.join(map(str, self.input_shape))}), "
+                f"got {tuple(x.shape)}; build it with in_channels/input_size that match your images")
+        x = self.flatten(self.features(x))
+        return self.fc2(self.act(self.fc1(x)))
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "mlp_v2": MLPv2, "cnn": SmallCNN}
+
+
+def build_model(name: str, **kwargs) -> nn.Module:
+    """A course model by name ('mlp', 'mlp_v2', 'cnn'); kwargs go to its constructor (Lesson 01, §4)."""
+    if name not in MODELS:
+        raise InvalidArgumentError(f"unknown model {name!r}; expected one of {sorted(MODELS)}")
+    return MODELS[name](**kwargs)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """The number of scalar parameters in `model` (Lesson 01, §3)."""
+    if not isinstance(model, nn.Module):
+        raise InvalidArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def flatten_size(features: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """How many values `features` outputs per sample for one input of `input_shape` (Lesson 01, §5)."""
+    with torch.no_grad():
+        return int(features(torch.zeros(1, *input_shape)).numel())
+
+
+def layer_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, layer type, output shape) for every leaf layer, from one forward pass (Lesson 01, §5).
+
+    `input_shape` includes the batch dimension, e.g. (1, 1, 16, 16).
+    """
+    if not isinstance(model, nn.Module):
+        raise InvalidArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(input_shape, tuple) or not all(isinstance(d, int) and d > 0 for d in input_shape):
+        raise InvalidArgumentError(f"input_shape must be a tuple of positive ints with the batch first, got {input_shape!r}")
+    rows, hooks = [], []
+    for name, module in model.named_modules():
+        if not list(module.children()):
+            hooks.append(module.register_forward_hook(
+                lambda mod, _inp, out, name=name: rows.append((name, type(mod).__name__, tuple(out.shape)))))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            device = next(model.parameters()).device
+            model(torch.zeros(*input_shape, device=device))
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return rows
+
+
+def _check_features(x: torch.Tensor, expected: int, model_name: str) -> None:
+    if x.shape[-1] != expected:
+        raise InputShapeError(f"{model_name} expects {expected} input features per sample, got {x.shape[-1]} "
+                              f"(input flattened to {tuple(x.shape)})")
+
+
+def _check_positive(**values) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidArgumentError(f"{name} must be a positive int, got {value!r}")
