@@ -95,11 +95,7 @@ def split_indices(n: int, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: 
     """A deterministic shuffled split of range(n) into train/val/test by `fractions` (Lesson 02, §1)."""
     if isinstance(n, bool) or not isinstance(n, int) or n < len(SPLITS):
         raise InvalidArgumentError(f"n must be an int >= {len(SPLITS)}, got {n!r}")
-    fractions = tuple(fractions)
-    if len(fractions) != 3 or any(not isinstance(f, (int, float)) or f <= 0 for f in fractions):
-        raise InvalidArgumentError(f"fractions must be three positive numbers (train, val, test), got {fractions!r}")
-    if abs(sum(fractions) - 1.0) > 1e-6:
-        raise InvalidArgumentError(f"fractions must sum to 1, got {fractions!r} (sum {sum(fractions):.4f})")
+    fractions = _check_fractions(fractions)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_train, n_val = int(round(fractions[0] * n)), int(round(fractions[1] * n))
     return {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
@@ -123,6 +119,7 @@ def load_dataset(name: str = "digits", split: str = "train", *, size: int = 8,
     else:
         if root is None:
             raise DatasetError("name='mnist' needs root=<folder holding a local MNIST copy>; nothing is downloaded")
+        fractions = _check_fractions(fractions)
         images, labels = load_mnist_tensors(root, size, train=split != "test")
         if split == "test":
             index = torch.arange(len(labels))
@@ -163,6 +160,15 @@ def fingerprint(dataset: ImageDataset) -> str:
     digest.update(dataset.images.contiguous().numpy().tobytes())
     digest.update(dataset.labels.contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
+    fractions = tuple(fractions)
+    if len(fractions) != 3 or any(isinstance(f, bool) or not isinstance(f, (int, float)) or f <= 0 for f in fractions):
+        raise InvalidArgumentError(f"fractions must be three positive numbers (train, val, test), got {fractions!r}")
+    if abs(sum(fractions) - 1.0) > 1e-6:
+        raise InvalidArgumentError(f"fractions must sum to 1, got {fractions!r} (sum {sum(fractions):.4f})")
+    return fractions
 
 
 def _check_size(size: int) -> None:
