@@ -37,3 +37,13 @@ def test_checksums_of_file_and_bytes_agree(tmp_path):
 def test_checksum_of_a_missing_file_names_it(tmp_path):
     with pytest.raises(InvalidArgumentError, match="no such file"):
         sha256_file(tmp_path / "nothing.pt")
+
+
+def test_atomic_write_gives_the_permissions_open_would(tmp_path):
+    import os
+    umask = os.umask(0o022)
+    try:
+        path = write_bytes_atomic(tmp_path / "shared.bin", b"x")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644

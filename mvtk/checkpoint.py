@@ -1,0 +1,609 @@
+"""Save, load and checkpoint models: exact resume, safe loading, integrity, encryption (Lesson 03).
+
+A checkpoint is one file written by `torch.save` (a zip archive) that holds only tensors and plain
+Python values, so `torch.load(path, weights_only=True)` opens it. `save_checkpoint` records the
+SHA-256 of those bytes in the zip's comment (the last bytes of the file) and writes atomically;
+`load_checkpoint` verifies the checksum before anything is unpickled, and never unpickles code.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import collections
+import contextlib
+import errno
+import functools
+import glob
+import io
+import math
+import os
+import pickle
+import random
+import re
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import safetensors
+import safetensors.torch
+import torch
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from torch import nn
+
+from mvtk.errors import (ArchitectureMismatchError, CheckpointError, DecryptionError, IntegrityError,
+                         InvalidArgumentError)
+from mvtk.files import atomic_write, sha256_bytes
+from mvtk.train import History
+
+FORMAT = "mvtk-checkpoint"         # payload["format"]: tells an mvtk checkpoint from any other torch file
+FORMAT_VERSION = 1
+SEAL_PREFIX = b"mvtk-sha256:"      # the zip comment is this prefix + 64 hex digits
+SEAL_LEN = len(SEAL_PREFIX) + 64
+ZIP_MAGIC, EOCD_MAGIC = b"PK\x03\x04", b"PK\x05\x06"  # start of a zip file; its end-of-directory record
+ENCRYPTED_MAGIC = b"MVTKENC1"      # first bytes of an encrypted checkpoint
+NONCE_BYTES = 12                   # AES-GCM's standard nonce size; a fresh random one per save
+KEY_ENV_VAR = "MVTK_CHECKPOINT_KEY"  # base64 of a 16/24/32-byte AES key
+GIT_TIMEOUT_S = 2.0
+LAST_NAME = "last.pt"              # ModelCheckpoint's pointer to the newest checkpoint
+STATE_KEYS = ("model", "optimizer", "scheduler", "rng")  # what load_checkpoint restores, not returns
+PLAIN = (str, int, float, bool, bytes, type(None))
+CONTAINERS = (dict, collections.OrderedDict, list, tuple, torch.Size)
+SHOW_KEYS = 8                      # how many keys an architecture-mismatch message lists per kind
+
+
+# --- §2: a full training checkpoint ---------------------------------------------------------
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    scheduler=None, *, epoch: int, step: int = 0, history: History | dict | None = None,
+                    loader_generator: torch.Generator | None = None, metrics: dict | None = None,
+                    extra: dict | None = None, key: bytes | None = None, name: str | None = None) -> Path:
+    """Write model, optimiser, scheduler, progress and RNG states to one file, atomically (Lesson 03, §2).
+
+    The file replaces `path` only once complete; its SHA-256 is stored in it. With `key`, the
+    file is AES-GCM encrypted for the model `name` (default: the model's class name) (Lesson 03, §7).
+    Stale temporary files of earlier, interrupted saves of `path` are removed.
+    """
+    payload = checkpoint_payload(model, optimizer, scheduler, epoch=epoch, step=step, history=history,
+                                 loader_generator=loader_generator, metrics=metrics, extra=extra)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    parts = _seal_parts(buffer.getbuffer())  # written as they are: no copy of a large model's bytes
+    if key is not None:
+        parts = (encrypt_bytes(b"".join(parts), key, name if name is not None else type(model).__name__),)
+    remove_stale_temps(path)
+    with _writing(path) as tmp:
+        with open(tmp, "wb") as handle:
+            for part in parts:
+                handle.write(part)
+    return Path(path)
+
+
+def checkpoint_payload(model: nn.Module, optimizer=None, scheduler=None, *, epoch: int, step: int = 0,
+                       history=None, loader_generator=None, metrics=None, extra=None) -> dict:
+    """The dict save_checkpoint stores: states plus metadata, checked to be plain types (Lesson 03, §2)."""
+    if not isinstance(model, nn.Module):
+        raise InvalidArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise InvalidArgumentError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+    if scheduler is not None and not callable(getattr(scheduler, "state_dict", None)):
+        raise InvalidArgumentError(f"scheduler must have a state_dict() method, got {type(scheduler).__name__}")
+    for label, value in (("epoch", epoch), ("step", step)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidArgumentError(f"{label} must be a non-negative int, got {value!r}")
+    payload = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "model": model.state_dict(),
+        "optimizer": None if optimizer is None else optimizer.state_dict(),
+        "scheduler": None if scheduler is None else scheduler.state_dict(),
+        "rng": rng_state(loader_generator),
+        "epoch": epoch, "step": step, "history": _history_dict(history),
+        "metrics": _plain_dict(metrics, "metrics"), "extra": _plain_dict(extra, "extra"),
+        "model_class": type(model).__name__, "torch_version": str(torch.__version__),
+        "created": _now(), "git_commit": git_commit(),
+    }
+    check_plain(payload, "checkpoint")
+    return payload
+
+
+def rng_state(loader_generator: torch.Generator | None = None) -> dict:
+    """The states of the torch, CUDA, Python and NumPy RNGs and of the loader's generator (Lesson 03, §2)."""
+    if loader_generator is not None and not isinstance(loader_generator, torch.Generator):
+        raise InvalidArgumentError(f"loader_generator must be a torch.Generator (loader.generator), got "
+                                   f"{type(loader_generator).__name__}")
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # the Mersenne-Twister words as int64 tensors: unpickled far faster than 625 Python ints
+        "python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
+        "numpy": [str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "loader": None if loader_generator is None else loader_generator.get_state(),
+    }
+
+
+def restore_rng_state(state: dict, loader_generator: torch.Generator | None = None) -> None:
+    """Put back the RNG states rng_state() recorded; the loader's too when its generator is given (Lesson 03, §4)."""
+    torch.set_rng_state(state["torch"].cpu())
+    for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(cuda_state.cpu(), index)
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal.tolist()), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if loader_generator is not None:
+        loader_generator.set_state(state["loader"].cpu())
+
+
+def check_plain(value, where: str = "value") -> None:
+    """Raise unless `value` holds only tensors and plain values, all weights_only loading accepts (Lesson 03, §2)."""
+    if isinstance(value, torch.Tensor) or type(value) in PLAIN or isinstance(value, (torch.dtype, torch.device)):
+        return
+    if type(value) in CONTAINERS:
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for item_key, item in items:
+            if isinstance(value, dict) and type(item_key) not in PLAIN:
+                raise InvalidArgumentError(f"{where} has a key of type {type(item_key).__name__}; use str or int keys")
+            check_plain(item, f"{where}[{item_key!r}]")
+        return
+    raise InvalidArgumentError(
+        f"{where} is a {type(value).__module__}.{type(value).__qualname__}; a checkpoint holds only tensors and plain "
+        "Python values (dict, list, tuple, str, int, float, bool, None) so torch.load(weights_only=True) opens it: "
+        "convert it first (float(x), x.tolist(), dataclasses.asdict(x))")
+
+
+# --- §2 and §6: loading, verified and safe --------------------------------------------------
+
+def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None, optimizer=None, scheduler=None, *,
+                    map_location="cpu", loader_generator: torch.Generator | None = None, restore_rng: bool = True,
+                    key: bytes | None = None, name: str | None = None) -> dict:
+    """Verify a checkpoint and restore it into the objects given; returns its metadata (Lesson 03, §2, §4).
+
+    Changes the model's weights, the optimiser's and scheduler's state, and (with `restore_rng`)
+    the global RNGs and `loader_generator`. Nothing is changed if the model does not fit.
+    """
+    payload = read_checkpoint(path, map_location=map_location, key=key, name=name)
+    source = str(path)
+    if model is not None:
+        if not isinstance(model, nn.Module):
+            raise InvalidArgumentError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
+        check_state_dict_fits(model, payload["model"], source)
+    _load_state(optimizer, payload, "optimizer", source)
+    _load_state(scheduler, payload, "scheduler", source)
+    if model is not None:
+        model.load_state_dict(payload["model"])
+    if restore_rng:
+        if loader_generator is not None and payload["rng"]["loader"] is None:
+            raise CheckpointError(f"checkpoint {source!r} holds no DataLoader generator state (it was saved without "
+                                  "loader_generator=); the shuffle order cannot be restored")
+        restore_rng_state(payload["rng"], loader_generator)
+    return {k: v for k, v in payload.items() if k not in STATE_KEYS}
+
+
+def read_checkpoint(path: str | os.PathLike, *, map_location="cpu", key: bytes | None = None,
+                    name: str | None = None) -> dict:
+    """The whole verified payload of a checkpoint (states and metadata), loaded safely (Lesson 03, §6)."""
+    source = str(path)
+    data = _read_file(path, "checkpoint")
+    encrypted_for = None
+    if data.startswith(ENCRYPTED_MAGIC):
+        if key is None:
+            raise DecryptionError(f"checkpoint {source!r} is encrypted: pass key= (mvtk.checkpoint.load_key())")
+        encrypted_for = _parse_encrypted(data, source)[1]
+        data = decrypt_bytes(data, key, name, source=source)
+    data = unseal(data, source)
+    try:
+        payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"checkpoint {source!r} holds objects that safe loading (weights_only=True) refuses; "
+                              f"nothing in it was run. {_unpickler_reason(exc)}") from None
+    except Exception as exc:  # torch raises RuntimeError/ValueError for a damaged archive
+        raise CheckpointError(f"checkpoint {source!r} cannot be read by torch.load: {_first_line(exc)}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{source!r} is a torch file but not an mvtk checkpoint (no format={FORMAT!r} entry)")
+    if encrypted_for is not None:
+        payload["encrypted_for"] = encrypted_for
+    return payload
+
+
+def seal(data: bytes) -> bytes:
+    """torch.save bytes with their SHA-256 written into the zip comment at the end (Lesson 03, §6)."""
+    return b"".join(_seal_parts(memoryview(data)))
+
+
+def _seal_parts(view: memoryview) -> tuple[memoryview, bytes]:
+    """(the archive up to its comment-length field, that field + the comment holding the body's SHA-256)."""
+    if bytes(view[-22:-18]) != EOCD_MAGIC or bytes(view[-2:]) != b"\x00\x00":
+        raise InvalidArgumentError("seal() expects the bytes of a torch.save zip archive with no comment")
+    body = view[:-2]
+    comment = SEAL_PREFIX + sha256_bytes(body).encode("ascii")
+    return body, len(comment).to_bytes(2, "little") + comment
+
+
+def unseal(data: bytes, source: str = "data") -> bytes:
+    """Check the SHA-256 seal() wrote; clear errors for empty, foreign, cut or changed files (Lesson 03, §6)."""
+    if not data:
+        raise CheckpointError(f"checkpoint {source!r} is empty (0 bytes): the save that wrote it never finished")
+    if not data.startswith(ZIP_MAGIC):
+        raise CheckpointError(f"{source!r} is not a checkpoint: a torch.save file is a zip archive, "
+                              f"this one starts with {data[:8]!r}")
+    comment = data[-SEAL_LEN:]
+    if not comment.startswith(SEAL_PREFIX) or data[-SEAL_LEN - 22:-SEAL_LEN - 18] != EOCD_MAGIC:
+        if data[-22:-18] == EOCD_MAGIC and data[-2:] == b"\x00\x00":
+            raise CheckpointError(f"{source!r} has no SHA-256 record: it was written by torch.save, not "
+                                  "save_checkpoint; open it with torch.load(path, weights_only=True)")
+        raise CheckpointError(f"checkpoint {source!r} is truncated (or damaged at its end): the SHA-256 record "
+                              "save_checkpoint writes last is missing; use an earlier checkpoint")
+    recorded = comment[len(SEAL_PREFIX):].decode("ascii", errors="replace")
+    actual = sha256_bytes(memoryview(data)[:-SEAL_LEN - 2])  # the bytes before the comment's length field
+    if actual != recorded:
+        error = IntegrityError(f"checkpoint {source!r} failed its SHA-256 check: its bytes changed after it was "
+                               "saved (a damaged disk or copy, or tampering); do not use it")
+        error.recorded, error.actual = recorded, actual
+        raise error
+    return data
+
+
+def check_state_dict_fits(model: nn.Module, state: dict, source: str = "state_dict") -> None:
+    """Raise ArchitectureMismatchError listing missing, unexpected and reshaped keys (Lesson 03, §6)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [f"{k} {tuple(state[k].shape)} in the file, {tuple(v.shape)} in the model"
+                for k, v in expected.items() if k in state and tuple(getattr(state[k], "shape", ())) != tuple(v.shape)]
+    if not (missing or unexpected or reshaped):
+        return
+    lines = [f"{source!r} does not fit {type(model).__name__}: it was saved from a different architecture"]
+    for label, keys in (("missing (in the model, not in the file)", missing),
+                        ("unexpected (in the file, not in the model)", unexpected), ("shape mismatch", reshaped)):
+        if keys:
+            more = f" ... and {len(keys) - SHOW_KEYS} more" if len(keys) > SHOW_KEYS else ""
+            lines.append(f"  {label}: {', '.join(keys[:SHOW_KEYS])}{more}")
+    if unexpected and all(k.startswith("module.") for k in unexpected):
+        lines.append("  hint: keys start with 'module.': it was saved from a DataParallel/DDP wrapper; "
+                     "strip the prefix or save model.module (Lesson 05)")
+    raise ArchitectureMismatchError("\n".join(lines))
+
+
+# --- §1 and §6: files ---------------------------------------------------------------------
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Delete the `.<name>.*.tmp` files interrupted writes of `path` left; returns them (Lesson 03, §6)."""
+    target = Path(path)
+    if not target.parent.is_dir():
+        return []
+    stale = [Path(p) for p in glob.glob(str(target.parent / f".{glob.escape(target.name)}.*.tmp"))]
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
+
+
+@contextlib.contextmanager
+def _writing(path: str | os.PathLike) -> Iterator[Path]:
+    """atomic_write, with a full disk or a read-only folder reported as a CheckpointError."""
+    try:
+        with atomic_write(path) as tmp:
+            yield tmp
+    except OSError as exc:
+        why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+               errno.EROFS: "the file system is read-only", errno.EACCES: "the folder is not writable",
+               errno.EPERM: "the folder is not writable"}.get(exc.errno, exc.strerror or str(exc))
+        raise CheckpointError(f"cannot write {str(path)!r}: {why} ({errno.errorcode.get(exc.errno, exc.errno)}); "
+                              "the previous file under that name, if any, is unchanged") from exc
+
+
+def _read_file(path: str | os.PathLike, what: str) -> bytes:
+    if not isinstance(path, (str, os.PathLike)):
+        raise InvalidArgumentError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    if not Path(path).is_file():
+        raise CheckpointError(f"{what} {str(path)!r} does not exist (or is not a file)")
+    return Path(path).read_bytes()
+
+
+def _load_state(target, payload: dict, part: str, source: str) -> None:
+    if target is None:
+        return
+    if payload[part] is None:
+        raise CheckpointError(f"checkpoint {source!r} holds no {part} state (it was saved without {part}=); "
+                              f"pass {part}=None")
+    try:
+        target.load_state_dict(payload[part])
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"the {part} state in {source!r} does not fit the {part} given: "
+                              f"{_first_line(exc)}") from None
+
+
+def _history_dict(history) -> dict:
+    if history is None:
+        return History().to_dict()
+    if isinstance(history, History):
+        return history.to_dict()
+    if isinstance(history, dict):
+        return {str(k): list(v) for k, v in history.items()}
+    raise InvalidArgumentError(f"history must be an mvtk.train.History, a dict or None, got {type(history).__name__}")
+
+
+def _plain_dict(value, label: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidArgumentError(f"{label} must be a dict or None, got {type(value).__name__}")
+    return dict(value)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _unpickler_reason(exc: BaseException) -> str:
+    """The 'Unsupported global: ...' line of torch's long weights_only message, without its advice."""
+    match = re.search(r"WeightsUnpickler error: ([^\n]*?\.)(?: Please|\n|$)", str(exc))
+    return match.group(1) if match else _first_line(exc)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def git_commit() -> str | None:
+    """The current folder's git commit, or None without git or a repository (2 s timeout) (Lesson 03, §5)."""
+    return _git_commit_in(os.getcwd())
+
+
+@functools.lru_cache(maxsize=None)
+def _git_commit_in(folder: str) -> str | None:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True,
+                                timeout=GIT_TIMEOUT_S, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = result.stdout.strip()
+    return commit if re.fullmatch(r"[0-9a-f]{40,64}", commit) else None
+
+
+# --- §3: periodic checkpointing -------------------------------------------------------------
+
+class ModelCheckpoint:
+    """Save a checkpoint every n epochs as fit's `on_epoch_end`; keep the last k and best k (Lesson 03, §3).
+
+    Files are named like `epoch=0004-val_loss=0.1234.pt`; `last.pt` points at the newest. Files of
+    an earlier run in `dirpath` (found by name) count towards the last k / best k, so a resumed
+    run carries on pruning where the crashed one stopped. Other files are never touched.
+    """
+
+    def __init__(self, dirpath: str | os.PathLike, model: nn.Module, optimizer=None, scheduler=None, *,
+                 monitor: str | None = "val_loss", mode: str = "min", save_top_k: int = 1, keep_last: int = 1,
+                 every_n_epochs: int = 1, save_last: bool = True, loader_generator: torch.Generator | None = None,
+                 steps_per_epoch: int = 0, extra: dict | None = None, key: bytes | None = None,
+                 name: str | None = None):
+        if mode not in ("min", "max"):
+            raise InvalidArgumentError(f"mode must be 'min' or 'max', got {mode!r}")
+        if monitor is not None and not (isinstance(monitor, str) and re.fullmatch(r"\w+", monitor)):
+            raise InvalidArgumentError(f"monitor must be a metric name such as 'val_loss' or None, got {monitor!r}")
+        for label, value, low in (("save_top_k", save_top_k, -1), ("keep_last", keep_last, -1),
+                                  ("every_n_epochs", every_n_epochs, 1), ("steps_per_epoch", steps_per_epoch, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise InvalidArgumentError(f"{label} must be an int >= {low}, got {value!r}")
+        self.dirpath = Path(dirpath)
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.monitor, self.mode, self.save_top_k, self.keep_last = monitor, mode, save_top_k, keep_last
+        self.every_n_epochs, self.save_last, self.steps_per_epoch = every_n_epochs, save_last, steps_per_epoch
+        self.loader_generator, self.extra, self.key, self.name = loader_generator, extra, key, name
+        self.pattern = re.compile(r"epoch=(\d+)" + (rf"-{monitor}=([-+]?(?:\d+\.\d+|nan|inf))" if monitor else "")
+                                  + r"\.pt")
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        self.saved: dict[str, tuple[int, float | None]] = self._scan()
+
+    def __call__(self, epoch: int, history: History | dict) -> None:
+        """Save if `epoch` is a multiple of every_n_epochs, prune, move `last.pt` (Lesson 03, §3)."""
+        if epoch % self.every_n_epochs:
+            return None
+        metrics = {k: float(v[-1]) for k, v in _history_dict(history).items() if v}
+        if self.monitor is not None and self.monitor not in metrics:
+            raise InvalidArgumentError(f"monitor {self.monitor!r} is not in the history; it has {sorted(metrics)}")
+        value = metrics.get(self.monitor) if self.monitor else None
+        path = self.dirpath / self.filename(epoch, value)
+        for stale in glob.glob(str(self.dirpath / ".epoch=*.pt.*.tmp")):
+            Path(stale).unlink(missing_ok=True)
+        save_checkpoint(path, self.model, self.optimizer, self.scheduler, epoch=epoch,
+                        step=epoch * self.steps_per_epoch, history=history, loader_generator=self.loader_generator,
+                        metrics=metrics, extra=self.extra, key=self.key, name=self.name)
+        self.saved[path.name] = (epoch, value)
+        if self.save_last:
+            self._point_last(path)
+        self._prune()
+        return None
+
+    def filename(self, epoch: int, value: float | None = None) -> str:
+        """The readable file name for an epoch, e.g. `epoch=0004-val_loss=0.1234.pt` (Lesson 03, §3)."""
+        return f"epoch={epoch:04d}" + (f"-{self.monitor}={value:.4f}" if self.monitor else "") + ".pt"
+
+    @property
+    def best_path(self) -> Path | None:
+        """The kept checkpoint with the best value (ties: the earliest; no monitor: the newest) (Lesson 03, §3)."""
+        ranked = self._ranked()
+        return self.dirpath / ranked[0] if ranked else None
+
+    @property
+    def last_path(self) -> Path | None:
+        """The newest kept checkpoint file, or None before the first save (Lesson 03, §3)."""
+        if not self.saved:
+            return None
+        return self.dirpath / max(self.saved, key=lambda n: self.saved[n][0])
+
+    def _ranked(self) -> list[str]:
+        if self.monitor is None:  # as in Lightning: without a monitor, the newest counts as best
+            return sorted(self.saved, key=lambda n: -self.saved[n][0])
+        sign = 1.0 if self.mode == "min" else -1.0
+
+        def score(name):
+            epoch, value = self.saved[name]
+            return (math.isnan(value), sign * value if not math.isnan(value) else 0.0, epoch)
+        return sorted(self.saved, key=score)
+
+    def _prune(self) -> None:
+        by_epoch = sorted(self.saved, key=lambda n: self.saved[n][0])
+        keep = set(by_epoch if self.keep_last == -1 else by_epoch[len(by_epoch) - self.keep_last:])
+        ranked = self._ranked()
+        keep |= set(ranked if self.save_top_k == -1 else ranked[:self.save_top_k])
+        if self.save_last and by_epoch:
+            keep.add(by_epoch[-1])
+        for file_name in set(self.saved) - keep:
+            (self.dirpath / file_name).unlink(missing_ok=True)
+            del self.saved[file_name]
+
+    def _point_last(self, target: Path) -> None:
+        link = self.dirpath / LAST_NAME
+        remove_stale_temps(link)
+        tmp = self.dirpath / f".{LAST_NAME}.{os.getpid()}.tmp"
+        try:
+            os.symlink(target.name, tmp)  # relative, so the folder can be moved
+        except (OSError, NotImplementedError):  # no symlinks (Windows without developer mode): a hard link
+            os.link(target, tmp)
+        os.replace(tmp, link)
+
+    def _scan(self) -> dict[str, tuple[int, float | None]]:
+        found = {}
+        for path in self.dirpath.iterdir():
+            match = self.pattern.fullmatch(path.name)
+            if match and path.is_file() and not path.is_symlink():
+                found[path.name] = (int(match.group(1)), float(match.group(2)) if self.monitor else None)
+        return found
+
+
+def latest_checkpoint(dirpath: str | os.PathLike) -> Path | None:
+    """`last.pt` in `dirpath`, else its newest `epoch=NNNN*.pt`, else None: where to resume from (Lesson 03, §4)."""
+    folder = Path(dirpath)
+    if (folder / LAST_NAME).exists():
+        return folder / LAST_NAME
+    epochs = [(int(m.group(1)), p) for p in folder.glob("epoch=*.pt") if (m := re.match(r"epoch=(\d+)", p.name))]
+    return max(epochs)[1] if epochs else None
+
+
+# --- §5: safetensors ----------------------------------------------------------------------
+
+def save_weights(path: str | os.PathLike, model: nn.Module, metadata: dict[str, str] | None = None) -> Path:
+    """Write the model's tensors as safetensors (no pickle) with torch version, time, git commit (Lesson 03, §5)."""
+    if not isinstance(model, nn.Module):
+        raise InvalidArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    extra = _plain_dict(metadata, "metadata")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
+        raise InvalidArgumentError(f"safetensors metadata must map str to str, got {extra!r}")
+    meta = {"format": "mvtk-weights", "model_class": type(model).__name__, "torch_version": str(torch.__version__),
+            "created": _now()}
+    commit = git_commit()
+    if commit:
+        meta["git_commit"] = commit
+    meta.update(extra)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    remove_stale_temps(path)
+    with _writing(path) as tmp:
+        safetensors.torch.save_file(tensors, tmp, metadata=meta)
+    return Path(path)
+
+
+def load_weights(path: str | os.PathLike, model: nn.Module | None = None, *, device="cpu") -> dict[str, str]:
+    """Load a safetensors file into `model` (checked to fit first); returns its metadata (Lesson 03, §5)."""
+    source = str(path)
+    _require_weights_file(path)
+    try:
+        with safetensors.safe_open(source, framework="pt", device="cpu") as handle:
+            metadata = dict(handle.metadata() or {})
+        state = safetensors.torch.load_file(source, device=str(device)) if model is not None else None
+    except (safetensors.SafetensorError, OSError, RuntimeError) as exc:
+        raise CheckpointError(f"{source!r} is not a readable safetensors file: {_first_line(exc)}") from None
+    if model is not None:
+        check_state_dict_fits(model, state, source)
+        model.load_state_dict(state)
+    return metadata
+
+
+def _require_weights_file(path: str | os.PathLike) -> None:
+    if not Path(path).is_file():
+        raise CheckpointError(f"weights file {str(path)!r} does not exist (or is not a file)")
+    if Path(path).stat().st_size == 0:
+        raise CheckpointError(f"weights file {str(path)!r} is empty (0 bytes)")
+
+
+# --- §7: encryption at rest ---------------------------------------------------------------
+
+def new_key(key_file: str | os.PathLike | None = None) -> bytes:
+    """A fresh random 256-bit AES key; written as base64 to `key_file` (mode 600) if given (Lesson 03, §7).
+
+    Refuses to overwrite an existing key file: losing a key loses every model it encrypted.
+    """
+    key = AESGCM.generate_key(bit_length=256)
+    if key_file is not None:
+        if Path(key_file).exists():
+            raise InvalidArgumentError(f"key file {str(key_file)!r} already exists; refusing to overwrite a key")
+        with atomic_write(key_file) as tmp:
+            os.chmod(tmp, 0o600)  # owner-only before the key is in it
+            tmp.write_bytes(base64.urlsafe_b64encode(key) + b"\n")
+    return key
+
+
+def load_key(key_file: str | os.PathLike | None = None, *, env_var: str = KEY_ENV_VAR) -> bytes:
+    """The AES key from `key_file`, else from the environment variable `env_var` (base64) (Lesson 03, §7)."""
+    if key_file is not None:
+        if not Path(key_file).is_file():
+            raise InvalidArgumentError(f"key file {str(key_file)!r} does not exist; make one with new_key(path)")
+        text, source = Path(key_file).read_text(), f"key file {str(key_file)!r}"
+    else:
+        text, source = os.environ.get(env_var), f"${env_var}"
+        if text is None:
+            raise InvalidArgumentError(f"no encryption key: set ${env_var} to a base64 key or pass key_file= "
+                                       "(make one with mvtk.checkpoint.new_key(path))")
+    try:
+        key = base64.urlsafe_b64decode(text.strip().encode("ascii"))
+    except (binascii.Error, UnicodeError, ValueError):
+        raise InvalidArgumentError(f"{source} is not base64 text") from None
+    return _check_key(key, source)
+
+
+def encrypt_bytes(data: bytes, key: bytes, name: str) -> bytes:
+    """AES-GCM encrypt `data` with a fresh nonce; the header naming the model is authenticated too (Lesson 03, §7)."""
+    _check_key(key, "key")
+    if not isinstance(name, str) or not name or len(name.encode()) > 1024:
+        raise InvalidArgumentError(f"name must be a non-empty str naming the model, got {name!r}")
+    label = name.encode("utf-8")
+    header = ENCRYPTED_MAGIC + len(label).to_bytes(2, "little") + label
+    nonce = os.urandom(NONCE_BYTES)
+    return header + nonce + AESGCM(key).encrypt(nonce, data, header)
+
+
+def decrypt_bytes(blob: bytes, key: bytes, name: str | None = None, *, source: str = "data") -> bytes:
+    """Decrypt encrypt_bytes' output; DecryptionError for a wrong key, another model or tampering (Lesson 03, §7)."""
+    _check_key(key, "key")
+    header, stored, nonce, ciphertext = _parse_encrypted(blob, source)
+    if name is not None and name != stored:
+        raise DecryptionError(f"{source!r} is encrypted for model {stored!r}, not {name!r}")
+    try:
+        return AESGCM(key).decrypt(nonce, ciphertext, header)
+    except InvalidTag:
+        raise DecryptionError(f"cannot decrypt {source!r}: wrong key, or the file was changed after it was "
+                              "encrypted (AES-GCM authentication failed)") from None
+
+
+def _parse_encrypted(blob: bytes, source: str) -> tuple[bytes, str, bytes, bytes]:
+    if not blob.startswith(ENCRYPTED_MAGIC):
+        raise DecryptionError(f"{source!r} is not an mvtk encrypted file (it does not start with {ENCRYPTED_MAGIC!r})")
+    start = len(ENCRYPTED_MAGIC) + 2
+    end = start + int.from_bytes(blob[len(ENCRYPTED_MAGIC):start], "little")
+    if len(blob) < end + NONCE_BYTES + 16:
+        raise DecryptionError(f"{source!r} is truncated: shorter than its header, nonce and tag")
+    try:
+        stored = blob[start:end].decode("utf-8")
+    except UnicodeDecodeError:
+        raise DecryptionError(f"{source!r} has a damaged header (the model name is not UTF-8)") from None
+    return blob[:end], stored, blob[end:end + NONCE_BYTES], blob[end + NONCE_BYTES:]
+
+
+def _check_key(key, source: str) -> bytes:
+    if not isinstance(key, bytes) or len(key) not in (16, 24, 32):
+        size = len(key) if isinstance(key, bytes) else type(key).__name__
+        raise InvalidArgumentError(f"{source} must be a 16, 24 or 32-byte AES key, got {size}")
+    return key
