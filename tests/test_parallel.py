@@ -1,0 +1,208 @@
+"""Lesson 05's claims: the `module.` prefix trap and its fix, DDP set-up errors, and 2-process DDP under torchrun
+trains the same model as one process with the same recipe."""
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from mvtk import parallel
+from mvtk.checkpoint import load_checkpoint
+from mvtk.data import load_dataset, make_loaders
+from mvtk.env import seed_everything
+from mvtk.errors import ArchitectureMismatchError, InvalidArgumentError, ParallelError
+from mvtk.models import MLP, build_model
+from mvtk.train import evaluate, fit
+
+EPOCHS = 5  # the recipe both the DDP run and the single-process run use
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="nn.DataParallel behaves as on a CPU-only machine")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread per process: on 2 busy cores, 2 OpenMP threads mostly wait for each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def model():
+    seed_everything(0, threads=None)
+    return MLP()
+
+
+@pytest.fixture
+def alone(monkeypatch):
+    """A process group of one in this process, torn down afterwards."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@no_gpu
+def test_data_parallel_without_gpus_calls_the_plain_model(model):
+    wrapped = parallel.wrap_data_parallel(model, "cpu")
+    x = torch.randn(4, 1, 8, 8)
+    assert wrapped.device_ids == []
+    assert torch.equal(wrapped(x), model(x))
+
+
+def test_wrapped_state_dict_keys_gain_the_module_prefix(model):
+    keys = list(nn.DataParallel(model).state_dict())
+    assert keys and all(key.startswith("module.") for key in keys)
+
+
+def test_a_prefixed_state_dict_does_not_load_into_a_plain_model(model):
+    with pytest.raises(RuntimeError, match="Missing key"):
+        MLP().load_state_dict(nn.DataParallel(model).state_dict())
+
+
+def test_unwrap_returns_the_model_inside_the_wrapper(model):
+    assert parallel.unwrap(nn.DataParallel(model)) is model
+    assert parallel.unwrap(model) is model
+
+
+def test_strip_module_prefix_leaves_its_input_unchanged(model):
+    prefixed = nn.DataParallel(model).state_dict()
+    stripped = parallel.strip_module_prefix(prefixed)
+    assert list(stripped) == list(model.state_dict())
+    assert all(key.startswith("module.") for key in prefixed)
+
+
+def test_load_state_dict_any_loads_a_wrapped_save_into_a_plain_model(model):
+    plain = parallel.load_state_dict_any(MLP(), nn.DataParallel(model).state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), model.state_dict().values()))
+
+
+def test_load_state_dict_any_loads_a_plain_save_into_a_wrapped_model(model):
+    wrapped = parallel.load_state_dict_any(nn.DataParallel(MLP()), model.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(wrapped.module.state_dict().values(), model.state_dict().values()))
+
+
+def test_load_state_dict_any_names_keys_that_do_not_fit(model):
+    with pytest.raises(ArchitectureMismatchError, match="fc1.weight"):
+        parallel.load_state_dict_any(MLP(hidden=64), nn.DataParallel(model).state_dict())
+
+
+def test_strip_module_prefix_rejects_a_non_mapping():
+    with pytest.raises(InvalidArgumentError, match="mapping"):
+        parallel.strip_module_prefix([("module.w", torch.zeros(1))])
+
+
+def test_an_unknown_backend_is_a_parallel_error():
+    with pytest.raises(ParallelError, match="unknown backend 'mpi'"):
+        parallel.check_launch("mpi", 2, "cpu")
+
+
+def test_more_processes_than_gpus_is_a_parallel_error():
+    with pytest.raises(ParallelError, match="2 processes were asked for but this machine has 1 GPU"):
+        parallel.check_launch("nccl", 2, "cuda", gpus=1)
+
+
+def test_nccl_on_the_cpu_is_a_parallel_error():
+    with pytest.raises(ParallelError, match="nccl"):
+        parallel.check_launch("nccl", 1, "cpu")
+
+
+def test_gloo_on_the_cpu_may_run_many_processes():
+    parallel.check_launch("gloo", 8, "cpu", gpus=0)
+
+
+def test_choose_backend_picks_nccl_for_gpus_and_gloo_otherwise():
+    assert (parallel.choose_backend("cuda"), parallel.choose_backend("cpu")) == ("nccl", "gloo")
+
+
+def test_the_script_rejects_a_bad_backend_with_a_clear_message(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        parallel.main(["--backend", "mpi", "--device", "cpu"])
+    assert stopped.value.code == 2
+    assert "unknown backend 'mpi'" in capsys.readouterr().err
+
+
+def test_the_script_has_help(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        parallel.main(["--help"])
+    assert stopped.value.code == 0
+    assert "--nproc_per_node" in capsys.readouterr().out
+
+
+def test_torchrun_command_for_one_machine_is_standalone():
+    command = parallel.torchrun_command(["--epochs", 3], nproc=2, program=["torchrun"])
+    assert command == ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "mvtk.parallel", "--epochs", "3"]
+
+
+def test_torchrun_command_for_many_machines_meets_at_the_endpoint():
+    command = parallel.torchrun_command(nproc=4, nnodes=2, rdzv_endpoint="node0:29400", program=["torchrun"])
+    assert "--nnodes=2" in command and "--rdzv-backend=c10d" in command and "--rdzv-endpoint=node0:29400" in command
+    assert "--standalone" not in command
+
+
+def test_many_machines_without_an_endpoint_is_a_parallel_error():
+    with pytest.raises(ParallelError, match="HOST:PORT"):
+        parallel.torchrun_command(nproc=2, nnodes=2)
+
+
+def test_distributed_samplers_with_one_seed_split_the_data_without_overlap():
+    data = load_dataset("digits", "train")
+    shards = [list(parallel.shard_loader(data, 16, shuffle=True, seed=0, num_replicas=2, rank=r).sampler)
+              for r in (0, 1)]
+    assert not set(shards[0]) & set(shards[1])
+    assert set(shards[0]) | set(shards[1]) == set(range(len(data)))
+
+
+def test_set_epoch_reshuffles_and_forgetting_it_repeats_the_order():
+    sampler = DistributedSampler(range(100), num_replicas=2, rank=0, seed=0)
+    first, again = list(sampler), list(sampler)
+    sampler.set_epoch(1)
+    assert first == again and list(sampler) != first
+
+
+def test_all_reduce_mean_weights_each_rank_by_its_samples(alone):
+    rank, world, _ = parallel.init_distributed("gloo", "cpu")
+    assert (rank, world) == (0, 1)
+    assert parallel.all_reduce_mean(0.25, 10) == pytest.approx(0.25)
+
+
+def test_rank_zero_saves_a_checkpoint_that_load_checkpoint_opens(alone, tmp_path):
+    metrics = parallel.train_ddp(epochs=1, out=tmp_path, device="cpu")
+    meta = load_checkpoint(tmp_path / parallel.CHECKPOINT_NAME, MLP(), restore_rng=False)
+    assert meta["epoch"] == 1 and meta["extra"]["world_size"] == 1
+    assert meta["metrics"]["test_acc"] == pytest.approx(metrics["test_acc"])
+    assert not dist.is_initialized()
+
+
+@pytest.fixture(scope="module")
+def single_process_accuracy():
+    """One process, the DDP run's recipe: same initial weights, epochs, global batch 32, Adam lr and sample order."""
+    seed_everything(0, threads=1)
+    reference = build_model("mlp")
+    train = load_dataset("digits", "train")
+    sampler = DistributedSampler(train, num_replicas=1, rank=0, shuffle=True, seed=0)
+    loaders = make_loaders()
+    fit(reference, DataLoader(train, batch_size=32, sampler=sampler), loaders.val, epochs=EPOCHS, progress=False,
+        on_epoch_end=lambda epoch, _history: sampler.set_epoch(epoch))
+    return evaluate(reference, loaders.test).accuracy
+
+
+@pytest.mark.slow
+def test_two_process_ddp_under_torchrun_matches_one_process(tmp_path, single_process_accuracy):
+    result = parallel.launch(["--epochs", EPOCHS, "--batch-size", 32, "--device", "cpu", "--out", tmp_path / "ddp"],
+                             nproc=2, cwd=tmp_path, timeout=300)
+    assert "rank 1/2" in result.stdout
+    ddp_model = MLP()
+    meta = load_checkpoint(tmp_path / "ddp" / parallel.CHECKPOINT_NAME, ddp_model, restore_rng=False)
+    assert meta["extra"]["world_size"] == 2 and meta["epoch"] == EPOCHS
+    ddp_accuracy = evaluate(ddp_model, make_loaders().test).accuracy
+    assert abs(ddp_accuracy - single_process_accuracy) <= 0.01
+
+
+def test_train_ddp_checks_its_recipe_before_joining_a_group(alone, tmp_path):
+    with pytest.raises(InvalidArgumentError, match="epochs"):
+        parallel.train_ddp(epochs=0, out=tmp_path, device="cpu")
+    with pytest.raises(ParallelError, match="unknown backend"):
+        parallel.train_ddp(epochs=1, out=tmp_path, device="cpu", backend="mpi")
+    assert not dist.is_initialized()
