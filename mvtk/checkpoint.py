@@ -12,7 +12,6 @@ import binascii
 import collections
 import contextlib
 import errno
-import functools
 import glob
 import io
 import math
@@ -350,14 +349,12 @@ def _first_line(exc: BaseException) -> str:
 
 
 def git_commit() -> str | None:
-    """The current folder's git commit, or None without git or a repository (2 s timeout) (Lesson 03, §5)."""
-    return _git_commit_in(os.getcwd())
+    """The current folder's git commit, or None without git or a repository (2 s timeout) (Lesson 03, §5).
 
-
-@functools.lru_cache(maxsize=None)
-def _git_commit_in(folder: str) -> str | None:
+    Not cached: a commit made between two saves is recorded by the second.
+    """
     try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True,
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                 timeout=GIT_TIMEOUT_S, check=True)
     except (OSError, subprocess.SubprocessError):
         return None

@@ -564,14 +564,11 @@ def test_safetensors_metadata_records_the_git_commit_when_there_is_one(tmp_path,
 def test_git_commit_is_none_without_git_or_when_it_hangs(tmp_path, monkeypatch):
     import subprocess
 
-    ckpt._git_commit_in.cache_clear()
     monkeypatch.chdir(tmp_path)
     assert ckpt.git_commit() is None  # not a repository
     for failure in (FileNotFoundError("git"), subprocess.TimeoutExpired("git", 2.0)):
-        ckpt._git_commit_in.cache_clear()
         monkeypatch.setattr(subprocess, "run", lambda *a, failure=failure, **k: (_ for _ in ()).throw(failure))
         assert ckpt.git_commit() is None
-    ckpt._git_commit_in.cache_clear()
 
 
 def test_safetensors_for_another_architecture_is_a_mismatch(tmp_path, model):

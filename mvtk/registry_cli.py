@@ -1,0 +1,103 @@
+"""The registry's command line, `python -m mvtk.registry`: list, show, diff, alias, promote, rollback (Lesson 04, §7).
+
+Also export and check. Every command opens an existing registry (`--root`, default $MVTK_REGISTRY
+or ./registry), prints plain text and exits 0, or prints `error: Type: message` and exits 1.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from mvtk.errors import MvtkError
+from mvtk.registry import DEFAULT_ROOT_ENV, Registry
+from mvtk.registry_diff import Table, alias_cell, cell
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m mvtk.registry`: list, show, diff, alias, promote, rollback, export, check (Lesson 04, §7)."""
+    args = _parser().parse_args(argv)
+    try:
+        text, code = _run(Registry(args.root, create=False), args)
+    except MvtkError as exc:
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(text)
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mvtk.registry",
+                                     description="Inspect and manage an mvtk model registry (Lesson 04).")
+    parser.add_argument("--root", default=os.environ.get(DEFAULT_ROOT_ENV, "registry"),
+                        help=f"the registry folder (default: ${DEFAULT_ROOT_ENV} or ./registry)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    cmd = sub.add_parser("list", help="list names, or the versions of one name")
+    cmd.add_argument("name", nargs="?")
+    cmd = sub.add_parser("show", help="show one version: NAME (latest), NAME@ALIAS or NAME --version N")
+    cmd.add_argument("ref")
+    cmd.add_argument("--version", type=int)
+    cmd = sub.add_parser("diff", help="compare two versions (numbers or aliases) of one name")
+    cmd.add_argument("name")
+    cmd.add_argument("a")
+    cmd.add_argument("b")
+    cmd = sub.add_parser("alias", help="list aliases; show an alias's history; or set/remove an alias")
+    cmd.add_argument("name")
+    cmd.add_argument("alias", nargs="?")
+    cmd.add_argument("version", nargs="?", type=int)
+    cmd.add_argument("--remove", action="store_true", help="remove the alias (the version stays)")
+    cmd = sub.add_parser("promote", help="point one alias where another points (staging -> production)")
+    cmd.add_argument("name")
+    cmd.add_argument("--source", default="staging")
+    cmd.add_argument("--target", default="production")
+    cmd = sub.add_parser("rollback", help="move an alias back to its previous version")
+    cmd.add_argument("name")
+    cmd.add_argument("alias")
+    cmd = sub.add_parser("export", help="print the index as JSON (or write it with --output)")
+    cmd.add_argument("--output", "-o")
+    sub.add_parser("check", help="verify every blob against its checksum; exit 1 on a problem")
+    return parser
+
+
+def _run(registry: Registry, args: argparse.Namespace) -> tuple[str, int]:
+    if args.command == "list":
+        return str(registry.table(args.name)), 0
+    if args.command == "show":
+        return registry.get(args.ref, version=args.version).describe(), 0
+    if args.command == "diff":
+        return str(registry.diff(args.name, args.a, args.b)), 0
+    if args.command == "promote":
+        mv = registry.promote(args.name, args.source, args.target)
+        return f"{args.name}@{args.target} -> v{mv.version}", 0
+    if args.command == "rollback":
+        mv = registry.rollback(args.name, args.alias)
+        return f"{args.name}@{args.alias} -> v{mv.version}", 0
+    if args.command == "export":
+        text = registry.export(args.output)
+        return (f"wrote {args.output}" if args.output else text.rstrip("\n")), 0
+    if args.command == "check":
+        report = registry.check()
+        lines = [f"{report.versions} versions checked: {'ok' if report.ok else 'PROBLEMS'}"]
+        lines += [f"{what}: {', '.join(items)}" for what, items in
+                  (("missing", report.missing), ("corrupt", report.corrupt), ("orphans", report.orphans),
+                   ("temp files", report.temp_files)) if items]
+        return "\n".join(lines), 0 if report.ok else 1
+    return _run_alias(registry, args), 0
+
+
+def _run_alias(registry: Registry, args: argparse.Namespace) -> str:
+    if args.alias is None:
+        return alias_cell(registry.aliases(args.name)).replace(", ", "\n") or f"{args.name} has no aliases"
+    if args.remove:
+        registry.remove_alias(args.name, args.alias)
+        return f"removed {args.name}@{args.alias}"
+    if args.version is not None:
+        mv = registry.set_alias(args.name, args.alias, args.version)
+        return f"{args.name}@{args.alias} -> v{mv.version}"
+    rows = tuple((str(e.seq), e.action, cell(e.previous and f"v{e.previous}"), cell(e.version and f"v{e.version}"),
+                  e.at) for e in registry.alias_history(args.name, args.alias))
+    return str(Table(("seq", "action", "from", "to", "at"), rows, title=f"{args.name}@{args.alias}"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""The model registry's SQLite index: schema, connections, transactions and every query (Lesson 04, §2).
+
+`index.sqlite` (stdlib sqlite3, WAL mode) holds names, versions, metadata, aliases and the
+aliases' history. `mvtk.registry.Registry` does all its reading and writing through one
+`RegistryIndex`; this module holds all of the registry's SQL, and `mvtk.registry` holds none.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import re
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Iterator
+
+from mvtk.errors import InvalidArgumentError, NotFoundError
+from mvtk.registry_diff import alias_cell, ranges
+
+BUSY_TIMEOUT_S = 60.0          # how long a writer waits while another process holds the write lock
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # no '@' or '/': `name@alias` stays readable
+ALIAS_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")      # starts with a letter: never mistaken for a version
+
+_INHERITED: list[sqlite3.Connection] = []  # connections a forked child inherited: kept, never closed there
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS models (
+    name TEXT PRIMARY KEY,
+    last_version INTEGER NOT NULL          -- the highest number ever handed out: never reused
+);
+CREATE TABLE IF NOT EXISTS versions (
+    name TEXT NOT NULL REFERENCES models(name),
+    version INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    tensor_keys TEXT NOT NULL,             -- JSON list: the state_dict's key order
+    architecture TEXT, metrics TEXT NOT NULL, params TEXT NOT NULL, tags TEXT NOT NULL,
+    notes TEXT NOT NULL, parent INTEGER, created TEXT NOT NULL, git_commit TEXT,
+    torch_version TEXT NOT NULL, mvtk_version TEXT NOT NULL, data_fingerprint TEXT,
+    PRIMARY KEY (name, version)
+);
+CREATE INDEX IF NOT EXISTS versions_by_sha256 ON versions(sha256);
+CREATE TABLE IF NOT EXISTS aliases (
+    name TEXT NOT NULL, alias TEXT NOT NULL, version INTEGER NOT NULL,
+    PRIMARY KEY (name, alias),
+    FOREIGN KEY (name, version) REFERENCES versions(name, version)
+);
+CREATE TABLE IF NOT EXISTS alias_events (  -- append-only audit trail of every alias move
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL, alias TEXT NOT NULL, action TEXT NOT NULL,
+    version INTEGER, previous INTEGER, at TEXT NOT NULL
+);
+"""
+
+
+class RegistryIndex:
+    """One registry's index file: a connection per thread and process, transactions, queries (Lesson 04, §2).
+
+    `label` names the registry in error messages. Opening creates the tables if they are missing.
+    """
+
+    def __init__(self, path: Path, label: str):
+        self.path, self.label = path, label
+        self._local = threading.local()
+        self.connect().execute("PRAGMA journal_mode = WAL")  # readers never block the writer, and vice versa
+        with self.write() as conn:
+            for statement in SCHEMA.split(";")[:-1]:
+                conn.execute(statement)
+
+    # -- connections and transactions ----------------------------------------------------------------------
+
+    def connect(self) -> sqlite3.Connection:
+        """This thread's connection, opened once: reopening (and the checkpoint at each close) costs ~10 ms."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and self._local.pid == os.getpid():
+            return conn
+        if conn is not None:
+            _INHERITED.append(conn)  # opened before a fork: never use or close it in this process
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA synchronous = FULL")  # a commit is on disk before register() returns
+        self._local.conn, self._local.pid = conn, os.getpid()
+        return conn
+
+    def close(self) -> None:
+        """Close this thread's connection (a later call opens a new one)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and self._local.pid == os.getpid():
+            conn.close()
+        self._local.conn = None
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: other writers wait for it; an error or a crash inside undoes all of it."""
+        conn = self.connect()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        """One consistent snapshot for several SELECTs."""
+        conn = self.connect()
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.execute("COMMIT")
+
+    # -- versions ------------------------------------------------------------------------------------------
+
+    def names(self, conn: sqlite3.Connection | None = None) -> list[str]:
+        """The registered model names, sorted."""
+        return [r[0] for r in (conn or self.connect()).execute("SELECT DISTINCT name FROM versions ORDER BY name")]
+
+    def require_name(self, conn, name: str) -> None:
+        """Raise NotFoundError, listing the names, unless `name` has a version."""
+        if not isinstance(name, str):
+            raise InvalidArgumentError(f"name must be a str, got {type(name).__name__}")
+        if conn.execute("SELECT 1 FROM versions WHERE name = ? LIMIT 1", (name,)).fetchone() is None:
+            raise NotFoundError(f"no model named {name!r} in registry {self.label!r}; "
+                                f"its names: {', '.join(self.names(conn)) or 'none yet'}")
+
+    def version_row(self, conn, name: str, version: int | None, alias: str | None) -> sqlite3.Row:
+        """The row of one version: by number, by alias, or the latest; NotFoundError lists what exists."""
+        if version is not None and alias is not None:
+            raise InvalidArgumentError(f"give a version or an alias for {name!r}, not both "
+                                       f"(got {version!r} and {alias!r})")
+        self.require_name(conn, name)
+        if alias is not None:
+            aliases = self.aliases(conn, name)
+            if alias not in aliases:
+                raise NotFoundError(f"{name} has no alias {alias!r}; its aliases: {alias_cell(aliases) or 'none yet'}")
+            version = aliases[alias]
+        elif version is None:
+            version = conn.execute("SELECT MAX(version) FROM versions WHERE name = ?", (name,)).fetchone()[0]
+        check_version_number(version, "version")
+        row = self.find_row(conn, name, version)
+        if row is None:
+            raise NotFoundError(f"{name} has no version {version}; its versions: {ranges(self.numbers(conn, name))}")
+        return row
+
+    def find_row(self, conn, name: str, version: int) -> sqlite3.Row | None:
+        """The row of `name` `version`, or None."""
+        return conn.execute("SELECT * FROM versions WHERE name = ? AND version = ?", (name, version)).fetchone()
+
+    def version_rows(self, conn, name: str) -> list[sqlite3.Row]:
+        """Every row of `name`, oldest first."""
+        return conn.execute("SELECT * FROM versions WHERE name = ? ORDER BY version", (name,)).fetchall()
+
+    def numbers(self, conn, name: str) -> list[int]:
+        """The version numbers of `name` that exist, ascending."""
+        return [r[0] for r in conn.execute("SELECT version FROM versions WHERE name = ? ORDER BY version", (name,))]
+
+    def next_version(self, conn, name: str) -> int:
+        """Hand out the next number of `name`: one above the highest ever given, deleted ones included."""
+        found = conn.execute("SELECT last_version FROM models WHERE name = ?", (name,)).fetchone()
+        version = 1 if found is None else found[0] + 1
+        conn.execute("INSERT INTO models (name, last_version) VALUES (?, ?) "
+                     "ON CONFLICT(name) DO UPDATE SET last_version = excluded.last_version", (name, version))
+        return version
+
+    def insert_version(self, conn, row: dict) -> None:
+        """Add one version's row (column -> value)."""
+        conn.execute(f"INSERT INTO versions ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                     tuple(row.values()))
+
+    def delete_version(self, conn, name: str, version: int) -> None:
+        """Remove one version's row (its number stays used)."""
+        conn.execute("DELETE FROM versions WHERE name = ? AND version = ?", (name, version))
+
+    def blob_rows(self, conn: sqlite3.Connection | None = None) -> list[tuple[str, int, str]]:
+        """(name, version, sha256) of every version, sorted."""
+        return [tuple(r) for r in (conn or self.connect()).execute(
+            "SELECT name, version, sha256 FROM versions ORDER BY name, version")]
+
+    # -- aliases -------------------------------------------------------------------------------------------
+
+    def aliases(self, conn, name: str) -> dict[str, int]:
+        """alias -> version for `name`, sorted by alias."""
+        return {r[0]: r[1] for r in conn.execute("SELECT alias, version FROM aliases WHERE name = ? ORDER BY alias",
+                                                 (name,))}
+
+    def event_rows(self, conn, name: str, alias: str | None) -> list[sqlite3.Row]:
+        """The alias moves of `name` (or of one alias), oldest first."""
+        query = "SELECT * FROM alias_events WHERE name = ?" + (" AND alias = ?" if alias is not None else "")
+        return conn.execute(query + " ORDER BY seq", (name,) if alias is None else (name, alias)).fetchall()
+
+    def move_alias(self, conn, name: str, alias: str, version: int, action: str) -> None:
+        """Point `alias` at `version` and log the move; nothing happens if it already points there."""
+        found = conn.execute("SELECT version FROM aliases WHERE name = ? AND alias = ?", (name, alias)).fetchone()
+        previous = None if found is None else found[0]
+        if previous == version:
+            return  # already there: nothing moves, nothing is logged
+        conn.execute("INSERT INTO aliases (name, alias, version) VALUES (?, ?, ?) "
+                     "ON CONFLICT(name, alias) DO UPDATE SET version = excluded.version", (name, alias, version))
+        self._log(conn, name, alias, action, version, previous)
+
+    def remove_alias(self, conn, name: str, alias: str, previous: int) -> None:
+        """Delete `alias` (which pointed at `previous`) and log the removal."""
+        conn.execute("DELETE FROM aliases WHERE name = ? AND alias = ?", (name, alias))
+        self._log(conn, name, alias, "remove", None, previous)
+
+    def _log(self, conn, name, alias, action, version, previous) -> None:
+        conn.execute("INSERT INTO alias_events (name, alias, action, version, previous, at) VALUES (?, ?, ?, ?, ?, ?)",
+                     (name, alias, action, version, previous, utc_now()))
+
+
+# -- what the index accepts ----------------------------------------------------------------------------------------
+
+
+def check_name(name) -> None:
+    """Raise InvalidArgumentError unless `name` is a valid model name (Lesson 04, §2)."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise InvalidArgumentError(f"model name must be 1-128 letters, digits, '.', '_' or '-' (no '@' or '/'), "
+                                   f"got {name!r}")
+
+
+def check_alias(alias) -> None:
+    """Raise InvalidArgumentError unless `alias` is a valid alias such as 'production' (Lesson 04, §3)."""
+    if not isinstance(alias, str) or not ALIAS_PATTERN.fullmatch(alias):
+        raise InvalidArgumentError(f"alias must start with a letter and hold only letters, digits, '_' or '-' "
+                                   f"(e.g. 'production'), got {alias!r}")
+
+
+def check_version_number(version, what: str) -> None:
+    """Raise InvalidArgumentError unless `version` is an int >= 1 (Lesson 04, §2)."""
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise InvalidArgumentError(f"{what} must be a version number (an int >= 1), got {version!r}")
+
+
+def utc_now() -> str:
+    """The current time as ISO 8601 in UTC, to the second, as the index records it (Lesson 04, §2)."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,135 @@
+"""What a registration records: weights, architecture recipe, metrics and where they came from (Lesson 04, §2).
+
+`mvtk.registry.Registry.register` calls `version_row` to check its arguments and turn them into
+the safetensors bytes for the blob store and one index row; nothing here touches the disk.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Mapping
+
+import torch
+from safetensors.torch import save as safetensors_save
+from torch import nn
+
+import mvtk
+from mvtk.checkpoint import check_state_dict_fits, git_commit
+from mvtk.errors import InvalidArgumentError
+from mvtk.files import sha256_bytes
+from mvtk.models import MLP, MODELS, MLPv2, SmallCNN, build_model
+from mvtk.registry_diff import architecture_label
+from mvtk.registry_index import check_name, check_version_number, utc_now
+
+
+def version_row(name: str, model_or_state_dict, *, architecture: dict | None, metrics: dict | None,
+                params: dict | None, tags: dict | None, notes: str, parent: int | None,
+                dataset) -> tuple[dict, bytes]:
+    """Check a registration's arguments; return its index row (all but the version) and blob bytes (Lesson 04, §2).
+
+    The row records the weights' SHA-256, the git commit, torch and mvtk versions, the time and
+    the data's fingerprint.
+    """
+    check_name(name)
+    state, architecture = weights_and_architecture(model_or_state_dict, architecture)
+    if not isinstance(notes, str):
+        raise InvalidArgumentError(f"notes must be a str, got {type(notes).__name__}")
+    if parent is not None:
+        check_version_number(parent, "parent")
+    data = safetensors_save(state)
+    row = {"name": name, "sha256": sha256_bytes(data), "tensor_keys": json.dumps(list(state)),
+           "architecture": None if architecture is None else _to_json(architecture, "architecture"),
+           "metrics": _to_json(_check_metrics(metrics), "metrics"), "params": _to_json(params or {}, "params"),
+           "tags": _to_json(tags or {}, "tags"), "notes": notes, "parent": parent, "created": utc_now(),
+           "git_commit": git_commit(), "torch_version": torch.__version__, "mvtk_version": mvtk.__version__,
+           "data_fingerprint": _data_fingerprint(dataset)}
+    return row, data
+
+
+def infer_architecture(model: nn.Module) -> dict | None:
+    """The build_model recipe {"name", "kwargs"} of a course model; None for any other model (Lesson 04, §2)."""
+    if type(model) is MLP:
+        kwargs = {"in_features": model.fc1.in_features, "hidden": model.fc1.out_features,
+                  "num_classes": model.fc2.out_features}
+    elif type(model) is MLPv2:
+        kwargs = {"in_features": model.fc1.in_features, "hidden": model.fc1.out_features,
+                  "num_classes": model.fc3.out_features, "dropout": model.drop.p}
+    elif type(model) is SmallCNN:
+        kwargs = {"in_channels": model.input_shape[0], "input_size": model.input_shape[1],
+                  "num_classes": model.fc2.out_features, "hidden": model.fc1.out_features,
+                  "channels": [model.features.conv1.out_channels, model.features.conv2.out_channels]}
+    else:
+        return None
+    return {"name": next(key for key, cls in MODELS.items() if cls is type(model)), "kwargs": kwargs}
+
+
+def weights_and_architecture(obj, architecture: dict | None) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """A CPU copy of the state_dict of a model (unwrapped) or a state_dict, and its checked recipe (Lesson 04, §2)."""
+    if isinstance(obj, nn.Module):
+        while isinstance(obj, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            obj = obj.module  # register the model, not its wrapper: no 'module.' prefix (Lesson 05)
+        obj = getattr(obj, "_orig_mod", obj)  # torch.compile's wrapper
+        if architecture is None:
+            architecture = infer_architecture(obj)
+        obj = obj.state_dict()
+    if not isinstance(obj, Mapping):
+        raise InvalidArgumentError(f"expected an nn.Module or a state_dict (a mapping of names to tensors), "
+                                   f"got {type(obj).__name__}")
+    if not obj:
+        raise InvalidArgumentError("the state_dict is empty: there are no weights to register")
+    for key, value in obj.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise InvalidArgumentError(f"state_dict entry {key!r} is a {type(value).__name__}, expected a tensor "
+                                       "under a str key; pass model.state_dict(), not a whole checkpoint")
+    state = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in obj.items()}
+    if architecture is not None:
+        _check_architecture(architecture, state)
+    return state, architecture
+
+
+def _check_architecture(architecture: dict, state: dict[str, torch.Tensor]) -> None:
+    if (not isinstance(architecture, dict) or architecture.get("name") not in MODELS
+            or not isinstance(architecture.get("kwargs", {}), dict) or set(architecture) - {"name", "kwargs"}):
+        raise InvalidArgumentError(f"architecture must be {{'name': one of {sorted(MODELS)}, 'kwargs': {{...}}}} "
+                                   f"as accepted by mvtk.models.build_model, got {architecture!r}")
+    try:
+        model = build_model(architecture["name"], **architecture.get("kwargs", {}))
+    except TypeError as exc:  # a keyword the model's constructor does not take
+        raise InvalidArgumentError(f"architecture {architecture!r} cannot be built: {exc}") from None
+    check_state_dict_fits(model, state, f"the weights given for architecture {architecture_label(architecture)}")
+
+
+def _check_metrics(metrics: dict | None) -> dict[str, float]:
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, dict):
+        raise InvalidArgumentError(f"metrics must be a dict of name -> number, got {type(metrics).__name__}")
+    clean = {}
+    for key, value in metrics.items():
+        try:
+            number = float(value) if not isinstance(value, (bool, str)) else math.nan
+        except (TypeError, ValueError, RuntimeError):
+            number = math.nan
+        if not isinstance(key, str) or not math.isfinite(number):
+            raise InvalidArgumentError(f"metric {key!r} must map a str to a finite number, got {value!r}")
+        clean[key] = value if isinstance(value, int) else number
+    return clean
+
+
+def _data_fingerprint(dataset) -> str | None:
+    if dataset is None or (isinstance(dataset, str) and re.fullmatch(r"[0-9a-f]{64}", dataset)):
+        return dataset
+    from mvtk.data import fingerprint  # here, not at the top: torchvision adds seconds to the CLI's start
+
+    return fingerprint(dataset)  # raises InvalidArgumentError for anything but an ImageDataset
+
+
+def _to_json(value, what: str) -> str:
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise InvalidArgumentError(f"{what} must be a dict with str keys, got {value!r}")
+    try:
+        return json.dumps(value, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgumentError(f"{what} must hold only JSON values (str, number, bool, None, list, dict): "
+                                   f"{exc}") from None
