@@ -1,0 +1,431 @@
+"""Compression of Lesson 06: measure a model, prune it, quantize it to int8, distill it, measure again.
+
+`measure` gives every variant the same report card (weights, sparsity, file and gzip size of
+its saved state_dict, test accuracy, CPU latency at batch 1 and 256). Pruning wraps
+`torch.nn.utils.prune`, int8 wraps `torch.ao.quantization.quantize_dynamic` and
+`torchao.quantization.quantize_`; distillation is one short training loop.
+"""
+from __future__ import annotations
+
+import copy
+import gzip
+import io
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.nn.functional import cross_entropy, kl_div, log_softmax, softmax
+from torch.nn.utils import prune
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from mvtk.data import ImageDataset
+from mvtk.errors import InvalidArgumentError
+from mvtk.files import write_bytes_atomic
+from mvtk.train import DEFAULT_LR, evaluate
+
+LATENCY_THREADS = 1           # one thread: latency does not depend on what else keeps the other core busy
+LATENCY_BATCHES = (1, 256)    # one request, and a batch where matrix kernels dominate
+PRUNABLE = (nn.Linear, nn.Conv2d)
+INT8_BACKENDS = ("torch.ao", "torchao")
+INT8_LAYERS = (nn.Linear,)    # what both int8 paths quantize; convolutions stay float (Lesson 07: ONNX Runtime)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+GZIP_LEVEL = 6                # gzip -6, the command-line default: level 9 is 10x slower for ~5% less
+UNLABELLED = -1               # the label of an example whose label the student may not see
+
+
+# --- measuring (§1) --------------------------------------------------------------------------------
+
+@dataclass
+class Measurement:
+    """One variant's report card: weights, sparsity, sizes, accuracy, latency per batch size (Lesson 06, §1)."""
+    name: str
+    weights: int          # values in the layers' weights and biases
+    sparsity: float       # fraction of those values that are exactly zero
+    file_bytes: int       # torch.save(state_dict) on disk
+    gzip_bytes: int       # the same file, gzip-compressed
+    accuracy: float       # on the loader given to `measure`
+    latency_ms: dict[int, float] = field(default_factory=dict)  # batch size -> median ms
+
+
+def measure(model: nn.Module, loader: DataLoader, folder: str | Path, name: str, *,
+            batch_sizes: Sequence[int] = LATENCY_BATCHES, threads: int = LATENCY_THREADS,
+            repeats: int = 20, warmup: int = 3) -> Measurement:
+    """Measure `model` on the CPU: sizes (writes `folder/<name>.pt`), accuracy on `loader`, latency (Lesson 06, §1).
+
+    A model on another device is copied to the CPU first; the model itself is not changed.
+    """
+    model = on_cpu(model)
+    path = Path(folder) / f"{_slug(name)}.pt"
+    file_bytes, gzip_bytes = saved_size(model, path)
+    example_shape = tuple(next(iter(loader))[0].shape[1:])
+    values = layer_values(model)
+    return Measurement(
+        name=name, weights=sum(v.numel() for v in values.values()), sparsity=sparsity(model),
+        file_bytes=file_bytes, gzip_bytes=gzip_bytes, accuracy=evaluate(model, loader, device="cpu").accuracy,
+        latency_ms={b: latency_ms(model, example_shape, b, threads=threads, repeats=repeats, warmup=warmup)
+                    for b in batch_sizes})
+
+
+def saved_size(model: nn.Module, path: str | Path) -> tuple[int, int]:
+    """torch.save `model.state_dict()` to `path`; returns (file bytes, gzip bytes) (Lesson 06, §1)."""
+    data = _state_dict_bytes(model)
+    write_bytes_atomic(path, data)
+    return Path(path).stat().st_size, len(gzip.compress(data, compresslevel=GZIP_LEVEL, mtime=0))
+
+
+def latency_ms(model: nn.Module, example_shape: tuple[int, ...], batch_size: int, *,
+               threads: int = LATENCY_THREADS, repeats: int = 20, warmup: int = 3) -> float:
+    """Median ms of one forward pass on the CPU, after `warmup` passes, on `threads` threads (Lesson 06, §1)."""
+    for label, value in (("batch_size", batch_size), ("threads", threads), ("repeats", repeats)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidArgumentError(f"{label} must be a positive int, got {value!r}")
+    inputs = torch.rand(batch_size, *example_shape, generator=torch.Generator().manual_seed(0))
+    before, was_training = torch.get_num_threads(), model.training
+    torch.set_num_threads(threads)
+    model.eval()
+    times = []
+    try:
+        with torch.inference_mode():
+            for step in range(warmup + repeats):
+                start = time.perf_counter()
+                model(inputs)
+                if step >= warmup:
+                    times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(before)
+        model.train(was_training)
+    return 1000 * statistics.median(times)
+
+
+def report(rows: Sequence[Measurement], baseline: Measurement | None = None) -> str:
+    """A text table of `rows` with size, accuracy and speed ratios to `baseline` (default: row 0) (Lesson 06, §1)."""
+    if not rows:
+        raise InvalidArgumentError("report needs at least one Measurement")
+    base = baseline if baseline is not None else rows[0]
+    batches = sorted(base.latency_ms)
+    head = (f"{'variant':<26}{'weights':>9}{'sparse':>8}{'file kB':>9}{'gzip kB':>9}{'smaller':>9}"
+            f"{'accuracy':>9}{'Δ points':>9}" + "".join(f"{f'ms@{b}':>9}{f'faster@{b}':>11}" for b in batches))
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        line = (f"{r.name:<26}{r.weights:>9,}{r.sparsity:>8.1%}{r.file_bytes / 1000:>9.1f}{r.gzip_bytes / 1000:>9.1f}"
+                f"{base.file_bytes / r.file_bytes:>8.2f}x{r.accuracy:>9.3f}{100 * (r.accuracy - base.accuracy):>+9.1f}")
+        for b in batches:
+            ms = r.latency_ms.get(b, float("nan"))
+            line += f"{ms:>9.3f}{base.latency_ms[b] / ms:>10.2f}x"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def plot_tradeoff(rows: Sequence[Measurement], ax=None):
+    """Accuracy against file size (filled) and gzip size (hollow), one labelled point per variant (Lesson 06, §1)."""
+    import matplotlib.pyplot as plt
+
+    ax = ax if ax is not None else plt.subplots(figsize=(7, 4))[1]
+    for r in rows:
+        dots = ax.scatter(r.file_bytes / 1000, 100 * r.accuracy, s=40)
+        ax.scatter(r.gzip_bytes / 1000, 100 * r.accuracy, s=40, facecolors="none", edgecolors=dots.get_facecolor())
+        ax.annotate(r.name, (r.file_bytes / 1000, 100 * r.accuracy), fontsize=8, xytext=(4, 4),
+                    textcoords="offset points")
+    ax.set(xscale="log", xlabel="size in kB (filled: file, hollow: gzip)", ylabel="test accuracy (%)",
+           title="Size against accuracy")
+    ax.grid(alpha=0.3)
+    return ax
+
+
+def on_cpu(model: nn.Module) -> nn.Module:
+    """`model` itself if it lives on the CPU, else a CPU copy (the original is not moved) (Lesson 06, §1)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    if all(t.device.type == "cpu" for t in tensors):
+        return model
+    return _copy(model).cpu()
+
+
+def layer_values(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every layer's weight and bias as a float tensor, whatever its storage (pruned, half, int8) (Lesson 06, §1)."""
+    values = {}
+    for module_name, module in model.named_modules():
+        for attr in ("weight", "bias"):
+            value = getattr(module, attr, None)
+            if callable(value) and not isinstance(value, torch.Tensor):  # torch.ao int8 layers: weight() / bias()
+                value = value()
+            if isinstance(value, torch.Tensor):
+                if value.is_quantized or type(value) not in (torch.Tensor, nn.Parameter):  # int8: torch.ao, torchao
+                    value = value.dequantize()
+                values[f"{module_name}.{attr}".lstrip(".")] = value.detach().float()
+    return values
+
+
+def sparsity(model: nn.Module) -> float:
+    """The fraction of weight and bias values that are exactly zero (Lesson 06, §2)."""
+    values = layer_values(model).values()
+    total = sum(v.numel() for v in values)
+    return sum(int((v == 0).sum()) for v in values) / total if total else 0.0
+
+
+# --- pruning (§2-§4) ------------------------------------------------------------------------------
+
+def prune_layer(model: nn.Module, layer: str, amount: float, name: str = "weight") -> nn.Module:
+    """Zero the `amount` fraction of `layer.<name>` with the smallest |value| (L1, unstructured) (Lesson 06, §2).
+
+    Adds `<name>_orig` (parameter) and `<name>_mask` (buffer) to the layer; `make_permanent` folds them.
+    """
+    _check_amount(amount)
+    prune.l1_unstructured(_prunable(model, layer, name), name, amount=float(amount))
+    return model
+
+
+def prune_global(model: nn.Module, amount: float, layer_types: tuple[type, ...] = PRUNABLE) -> nn.Module:
+    """Zero the `amount` fraction of all `layer_types` weights with the smallest |value|, ranked together.
+
+    Lesson 06, §2. Every pruned layer gets `weight_orig` and `weight_mask`, as with `prune_layer`.
+    """
+    _check_amount(amount)
+    targets = [(m, "weight") for m in model.modules() if isinstance(m, layer_types)]
+    if not targets:
+        raise InvalidArgumentError(f"{type(model).__name__} has no layers of type "
+                                   f"{[t.__name__ for t in layer_types]} to prune")
+    prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=float(amount))
+    return model
+
+
+def prune_neurons(model: nn.Module, layer: str, amount: float, n: int | float = 2) -> nn.Module:
+    """Zero whole output neurons (Linear rows) or channels (Conv2d filters) of `layer` with the smallest L`n` norm.
+
+    Lesson 06, §3. Structured: the zeros come in whole rows, so `drop_pruned_neurons` can remove them.
+    """
+    _check_amount(amount)
+    prune.ln_structured(_prunable(model, layer, "weight"), "weight", amount=float(amount), n=n, dim=0)
+    return model
+
+
+def make_permanent(model: nn.Module) -> nn.Module:
+    """Fold every pruning mask into its weight and drop `*_orig`/`*_mask` (prune.remove), in place (Lesson 06, §2)."""
+    for module in model.modules():
+        for hook in list(module._forward_pre_hooks.values()):
+            if isinstance(hook, prune.BasePruningMethod):
+                prune.remove(module, hook._tensor_name)
+    return model
+
+
+def drop_pruned_neurons(model: nn.Module, layer: str, next_layer: str,
+                        activation: Callable[[torch.Tensor], torch.Tensor] = torch.relu) -> nn.Module:
+    """A copy of `model` with the all-zero rows of Linear `layer` removed, and the matching inputs of `next_layer`.
+
+    Lesson 06, §3. A removed neuron still outputs activation(bias), a constant: it is added to
+    `next_layer`'s bias, so the smaller model computes the same function as the pruned one.
+    """
+    model = make_permanent(_copy(model))
+    first, second = (_module(model, name) for name in (layer, next_layer))
+    for name, module in ((layer, first), (next_layer, second)):
+        if not isinstance(module, nn.Linear):
+            raise InvalidArgumentError(f"drop_pruned_neurons works on nn.Linear layers; {name!r} is "
+                                       f"{type(module).__name__}")
+    if second.in_features != first.out_features:
+        raise InvalidArgumentError(f"{next_layer!r} takes {second.in_features} inputs but {layer!r} gives "
+                                   f"{first.out_features}: they are not consecutive layers")
+    like = dict(device=first.weight.device, dtype=first.weight.dtype)
+    with torch.no_grad():
+        keep = first.weight.abs().sum(dim=1) != 0
+        bias = first.bias if first.bias is not None else torch.zeros(first.out_features, **like)
+        constant = activation(bias[~keep])  # what each dropped neuron always outputs
+        smaller_first = nn.Linear(first.in_features, int(keep.sum()), bias=first.bias is not None, **like)
+        smaller_first.weight.copy_(first.weight[keep])
+        if first.bias is not None:
+            smaller_first.bias.copy_(first.bias[keep])
+        smaller_second = nn.Linear(int(keep.sum()), second.out_features, bias=True, **like)
+        smaller_second.weight.copy_(second.weight[:, keep])
+        old_bias = second.bias if second.bias is not None else torch.zeros(second.out_features, **like)
+        smaller_second.bias.copy_(old_bias + second.weight[:, ~keep] @ constant)
+    _set_module(model, layer, smaller_first)
+    _set_module(model, next_layer, smaller_second)
+    return model
+
+
+# --- quantization (§5-§6) -------------------------------------------------------------------------
+
+def cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of `model` stored in float16 or bfloat16 that takes and returns float32 tensors (Lesson 06, §5)."""
+    if dtype not in HALF_DTYPES:
+        raise InvalidArgumentError(f"dtype must be one of {[str(d) for d in HALF_DTYPES]}, got {dtype!r}")
+    half = _copy(model).to(dtype)
+    half.register_forward_pre_hook(lambda _m, args: tuple(a.to(dtype) if a.is_floating_point() else a for a in args))
+    half.register_forward_hook(lambda _m, _args, out: out.float())
+    return half
+
+
+def quantize_int8(model: nn.Module, backend: str = "torch.ao",
+                  layer_types: tuple[type, ...] = INT8_LAYERS) -> nn.Module:
+    """A CPU copy of `model` whose Linear layers compute in int8 (weights int8, activations int8 per batch).
+
+    Lesson 06, §6. backend "torch.ao": torch.ao.quantization.quantize_dynamic (fast fbgemm kernels, but
+    deprecated in favour of torchao; its deprecation warnings are silenced here, the lesson shows them).
+    backend "torchao": torchao.quantization.quantize_ with Int8DynamicActivationInt8WeightConfig
+    (the maintained path; slow on CPU without torch.compile).
+    """
+    if backend not in INT8_BACKENDS:
+        raise InvalidArgumentError(f"unknown int8 backend {backend!r}; expected one of {INT8_BACKENDS}")
+    unsupported = [t.__name__ for t in layer_types if t not in INT8_LAYERS]
+    if unsupported:
+        raise InvalidArgumentError(f"int8 quantization here supports {[t.__name__ for t in INT8_LAYERS]} layers, "
+                                   f"not {unsupported}; export to ONNX Runtime for int8 convolutions (Lesson 07)")
+    if not any(isinstance(m, INT8_LAYERS) for m in model.modules()):
+        raise InvalidArgumentError(f"{type(model).__name__} has no nn.Linear layer to quantize")
+    cpu = on_cpu(model)
+    model = make_permanent(_copy(model) if cpu is model else cpu).eval()  # never change the caller's model
+    if backend == "torch.ao":
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
+            warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor.*deprecated")
+            return torch.ao.quantization.quantize_dynamic(model, set(layer_types), dtype=torch.qint8)
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    quantize_(model, Int8DynamicActivationInt8WeightConfig())
+    return model
+
+
+def save_compressed(model: nn.Module, path: str | Path) -> int:
+    """Write `model.state_dict()` to `path` as a gzipped torch.save file; returns its size in bytes (Lesson 06, §8)."""
+    write_bytes_atomic(path, gzip.compress(_state_dict_bytes(model), compresslevel=GZIP_LEVEL, mtime=0))
+    return Path(path).stat().st_size
+
+
+def load_compressed(path: str | Path) -> dict:
+    """The state_dict in a file written by `save_compressed`, loaded with weights_only=True (Lesson 06, §8)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidArgumentError(f"no compressed model at {str(path)!r}")
+    try:
+        data = gzip.decompress(path.read_bytes())
+    except (OSError, EOFError) as exc:
+        raise InvalidArgumentError(f"{str(path)!r} is not a gzip file written by save_compressed: {exc}") from exc
+    with warnings.catch_warnings():  # loading int8 tensors goes through torch's own deprecated TypedStorage
+        warnings.filterwarnings("ignore", message=r"TypedStorage is deprecated")
+        return torch.load(io.BytesIO(data), weights_only=True)
+
+
+# --- distillation (§7) ----------------------------------------------------------------------------
+
+def split_labelled(dataset: ImageDataset, n_labelled: int, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
+    """(the `n_labelled` examples that keep their label, the whole set with all other labels -1) (Lesson 06, §7)."""
+    if not isinstance(dataset, ImageDataset):
+        raise InvalidArgumentError(f"dataset must be an mvtk ImageDataset, got {type(dataset).__name__}")
+    if isinstance(n_labelled, bool) or not isinstance(n_labelled, int) or not 1 <= n_labelled <= len(dataset):
+        raise InvalidArgumentError(f"n_labelled must be an int in [1, {len(dataset)}], got {n_labelled!r}")
+    chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n_labelled]
+    hidden = torch.full_like(dataset.labels, UNLABELLED)
+    hidden[chosen] = dataset.labels[chosen]
+    return (ImageDataset(dataset.images[chosen], dataset.labels[chosen], dataset.transform),
+            ImageDataset(dataset.images, hidden, dataset.transform))
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
+                      temperature: float = 4.0, alpha: float = 0.5) -> torch.Tensor:
+    """alpha·T²·KL(teacher_T ‖ student_T) on all examples + (1-alpha)·cross-entropy on labelled ones (Lesson 06, §7).
+
+    Labels equal to -1 (hidden) count only in the KL term. T² keeps the soft term's gradient
+    on the same scale as the cross-entropy's whatever the temperature (Hinton et al., 2015).
+    """
+    _check_distillation(temperature, alpha)
+    soft = kl_div(log_softmax(student_logits / temperature, dim=1), softmax(teacher_logits / temperature, dim=1),
+                  reduction="batchmean") * temperature ** 2
+    known = labels != UNLABELLED
+    hard = cross_entropy(student_logits[known], labels[known]) if known.any() else student_logits.sum() * 0
+    return alpha * soft + (1 - alpha) * hard
+
+
+def distill(student: nn.Module, teacher: nn.Module, loader: DataLoader, *, epochs: int,
+            temperature: float = 4.0, alpha: float = 0.5, optimizer: torch.optim.Optimizer | None = None,
+            device: torch.device | str | None = None, progress: bool = True) -> list[float]:
+    """Train `student` to match the frozen `teacher`; returns the mean loss per epoch (Lesson 06, §7).
+
+    The teacher runs in eval mode (no dropout) under torch.no_grad, and only the student's
+    parameters are in the optimizer, so the teacher never changes; its mode is restored after.
+    """
+    _check_distillation(temperature, alpha)
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise InvalidArgumentError(f"epochs must be a positive int, got {epochs!r}")
+    device = torch.device(device) if device is not None else next(student.parameters()).device
+    optimizer = optimizer if optimizer is not None else torch.optim.Adam(student.parameters(), lr=DEFAULT_LR)
+    teacher_was_training, losses = teacher.training, []
+    teacher.eval()
+    try:
+        for _ in tqdm(range(epochs), desc="distill", disable=not progress):
+            student.train()
+            total, count = 0.0, 0
+            for inputs, labels in loader:
+                inputs, labels = inputs.to(device), labels.to(device)
+                with torch.no_grad():  # the teacher's logits are targets, not something to train
+                    teacher_logits = teacher(inputs)
+                loss = distillation_loss(student(inputs), teacher_logits, labels,
+                                         temperature=temperature, alpha=alpha)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                total, count = total + loss.item() * len(labels), count + len(labels)
+            losses.append(total / count)
+    finally:
+        teacher.train(teacher_was_training)
+    return losses
+
+
+# --- checks -----------------------------------------------------------------------------------------
+
+def _check_amount(amount) -> None:
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0.0 <= amount <= 1.0:
+        raise InvalidArgumentError(f"amount must be a fraction of weights in [0, 1], got {amount!r}")
+
+
+def _check_distillation(temperature, alpha) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
+        raise InvalidArgumentError(f"temperature must be a positive number, got {temperature!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise InvalidArgumentError(f"alpha must be a weight in [0, 1], got {alpha!r}")
+
+
+def _module(model: nn.Module, layer: str) -> nn.Module:
+    try:
+        return model.get_submodule(layer) if layer else model
+    except AttributeError:
+        names = [n for n, m in model.named_modules() if n and isinstance(m, PRUNABLE)]
+        raise InvalidArgumentError(f"{type(model).__name__} has no layer {layer!r}; its layers are {names}") from None
+
+
+def _prunable(model: nn.Module, layer: str, name: str) -> nn.Module:
+    module = _module(model, layer)
+    params = dict(module.named_parameters(recurse=False))
+    if name not in params and f"{name}_orig" not in params:
+        raise InvalidArgumentError(f"layer {layer!r} ({type(module).__name__}) has no parameter {name!r}; "
+                                   f"its parameters are {sorted(params)}")
+    return module
+
+
+def _set_module(model: nn.Module, layer: str, new: nn.Module) -> None:
+    parent, _, child = layer.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _state_dict_bytes(model: nn.Module) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getvalue()
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    # A pruned layer's `weight` is recomputed each forward; after a training step it is part of an
+    # autograd graph, which deepcopy refuses. Recompute it without gradients first.
+    with torch.no_grad():
+        for module in model.modules():
+            for hook in module._forward_pre_hooks.values():
+                if isinstance(hook, prune.BasePruningMethod):
+                    setattr(module, hook._tensor_name, hook.apply_mask(module))
+    return copy.deepcopy(model)
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name.strip().lower()) or "model"

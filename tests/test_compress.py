@@ -1,0 +1,259 @@
+"""Lesson 06's claims about mvtk.compress: measuring, pruning, int8, distillation, and clear errors."""
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.functional import cross_entropy
+from torch.utils.data import DataLoader, TensorDataset
+
+from mvtk import compress
+from mvtk.data import ImageDataset
+from mvtk.errors import InvalidArgumentError
+from mvtk.models import MLP, MLPv2, build_model, count_parameters
+
+
+@pytest.fixture
+def mlp():
+    torch.manual_seed(0)
+    return MLP().eval()
+
+
+@pytest.fixture
+def wide():
+    torch.manual_seed(0)
+    return MLPv2(hidden=1024).eval()
+
+
+@pytest.fixture
+def loader():
+    generator = torch.Generator().manual_seed(0)
+    images, labels = torch.rand(40, 1, 8, 8, generator=generator), torch.randint(0, 10, (40,), generator=generator)
+    return DataLoader(TensorDataset(images, labels), batch_size=16)
+
+
+def saved_bytes(model, tmp_path, name="m.pt"):
+    return compress.saved_size(model, tmp_path / name)
+
+
+# --- measuring ----------------------------------------------------------------------------------
+
+def test_measure_reports_the_saved_file_and_every_batch_size(mlp, loader, tmp_path):
+    row = compress.measure(mlp, loader, tmp_path, "course mlp", repeats=2, warmup=1)
+    assert row.file_bytes == (tmp_path / "course_mlp.pt").stat().st_size
+    assert row.weights == count_parameters(mlp) and row.sparsity == 0.0
+    assert 0.0 <= row.accuracy <= 1.0 and 0 < row.gzip_bytes
+    assert set(row.latency_ms) == set(compress.LATENCY_BATCHES) and all(ms > 0 for ms in row.latency_ms.values())
+
+
+def test_latency_keeps_the_thread_count_and_training_mode(mlp):
+    before = torch.get_num_threads()
+    mlp.train()
+    compress.latency_ms(mlp, (1, 8, 8), 4, threads=1, repeats=2, warmup=1)
+    assert torch.get_num_threads() == before and mlp.training
+
+
+def test_report_gives_ratios_to_the_first_row(mlp, loader, tmp_path):
+    base = compress.measure(mlp, loader, tmp_path, "fp32", repeats=2, warmup=1)
+    half = compress.measure(compress.cast(mlp, torch.bfloat16), loader, tmp_path, "bf16", repeats=2, warmup=1)
+    table = compress.report([base, half])
+    assert "fp32" in table and "bf16" in table and "1.00x" in table
+    assert f"{base.file_bytes / half.file_bytes:.2f}x" in table
+
+
+# --- pruning --------------------------------------------------------------------------------------
+
+def test_prune_layer_keeps_the_original_weights_and_a_mask(mlp):
+    compress.prune_layer(mlp, "fc1", 0.5)
+    assert {n for n, _ in mlp.fc1.named_parameters()} == {"weight_orig", "bias"}
+    assert {n for n, _ in mlp.fc1.named_buffers()} == {"weight_mask"}
+    assert torch.equal(mlp.fc1.weight, mlp.fc1.weight_orig * mlp.fc1.weight_mask)
+    assert int((mlp.fc1.weight == 0).sum()) == mlp.fc1.weight.numel() // 2
+
+
+def test_prune_global_ranks_all_layers_together(mlp):
+    compress.prune_global(mlp, 0.8)
+    zeros = [(m.weight == 0).float().mean().item() for m in (mlp.fc1, mlp.fc2)]
+    total = sum(int((m.weight == 0).sum()) for m in (mlp.fc1, mlp.fc2))
+    assert total == round(0.8 * (mlp.fc1.weight.numel() + mlp.fc2.weight.numel()))
+    assert zeros[0] != zeros[1]
+
+
+def test_make_permanent_leaves_plain_weights_with_the_zeros(mlp):
+    compress.make_permanent(compress.prune_global(mlp, 0.6))
+    assert sorted(mlp.state_dict()) == ["fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"]
+    assert not mlp.fc1._forward_pre_hooks and (mlp.fc1.weight == 0).float().mean().item() > 0.3
+
+
+def test_prune_neurons_zeroes_whole_rows(mlp):
+    compress.prune_neurons(mlp, "fc1", 0.25)
+    zero_rows = (mlp.fc1.weight.abs().sum(dim=1) == 0)
+    assert int(zero_rows.sum()) == 32 and int((mlp.fc1.weight == 0).sum()) == 32 * 64
+
+
+def test_structured_pruning_zeroes_whole_conv_filters():
+    cnn = build_model("cnn")
+    compress.prune_neurons(cnn, "features.conv1", 0.5)
+    assert int((cnn.features.conv1.weight.flatten(1).abs().sum(1) == 0).sum()) == 8
+
+
+def test_dropping_pruned_neurons_gives_a_smaller_model_with_the_same_outputs(mlp):
+    with torch.no_grad():
+        mlp.fc1.bias.fill_(0.1)  # pruned neurons still output relu(bias): it must be folded into fc2
+    compress.prune_neurons(mlp, "fc1", 0.75)
+    smaller = compress.drop_pruned_neurons(mlp, "fc1", "fc2")
+    assert tuple(smaller.fc1.weight.shape) == (32, 64) and tuple(smaller.fc2.weight.shape) == (10, 32)
+    x = torch.rand(8, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(mlp(x), smaller(x), atol=1e-6)
+
+
+def test_unstructured_pruned_dense_file_is_not_smaller_but_its_gzip_is(wide, tmp_path):
+    dense_bytes, dense_gzip = saved_bytes(wide, tmp_path, "dense.pt")
+    pruned = compress.make_permanent(compress.prune_global(copy.deepcopy(wide), 0.9))
+    pruned_bytes, pruned_gzip = saved_bytes(pruned, tmp_path, "pruned.pt")
+    assert abs(pruned_bytes - dense_bytes) < 0.01 * dense_bytes
+    assert pruned_gzip < 0.4 * dense_gzip
+
+
+def test_a_pruned_model_can_be_copied_after_a_training_step(mlp):
+    compress.prune_global(mlp, 0.5)
+    mlp.train()
+    cross_entropy(mlp(torch.rand(4, 1, 8, 8)), torch.tensor([0, 1, 2, 3])).backward()  # weight is now in a graph
+    assert compress.sparsity(compress.quantize_int8(mlp)) > 0.4
+
+
+# --- quantization ---------------------------------------------------------------------------------
+
+def test_cast_halves_the_file_and_keeps_float32_inputs_and_outputs(mlp, tmp_path):
+    half = compress.cast(mlp, torch.float16)
+    assert half.fc1.weight.dtype == torch.float16 and mlp.fc1.weight.dtype == torch.float32
+    assert half(torch.rand(2, 1, 8, 8)).dtype == torch.float32
+    assert saved_bytes(mlp, tmp_path, "a.pt")[0] / saved_bytes(half, tmp_path, "b.pt")[0] > 1.8  # headers: not quite 2
+
+
+def test_int8_state_dict_is_at_least_3_9x_smaller_for_the_wide_mlp(wide, tmp_path):
+    int8 = compress.quantize_int8(wide)
+    assert saved_bytes(wide, tmp_path, "fp32.pt")[0] / saved_bytes(int8, tmp_path, "int8.pt")[0] >= 3.9
+
+
+def test_int8_outputs_stay_close_to_float32(wide):
+    x = torch.rand(16, 1, 8, 8)
+    for backend in compress.INT8_BACKENDS:
+        with torch.no_grad():
+            assert (compress.quantize_int8(wide, backend=backend)(x) - wide(x)).abs().max() < 0.05
+
+
+def test_torch_ao_int8_hides_only_its_deprecation_warnings(mlp):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        int8 = compress.quantize_int8(mlp)
+    assert not [w for w in caught if "deprecated" in str(w.message)]
+    assert isinstance(int8.fc1, torch.ao.nn.quantized.dynamic.Linear) and type(mlp.fc1) is nn.Linear
+
+
+def test_torchao_backend_stores_int8_weights(mlp):
+    int8 = compress.quantize_int8(mlp, backend="torchao")
+    assert type(int8.fc1.weight).__name__ == "Int8Tensor" and type(mlp.fc1.weight) is nn.Parameter
+
+
+def test_compressed_file_loads_back_into_the_same_model(mlp, tmp_path):
+    int8 = compress.quantize_int8(compress.make_permanent(compress.prune_global(mlp, 0.9)))
+    size = compress.save_compressed(int8, tmp_path / "model.pt.gz")
+    assert size == (tmp_path / "model.pt.gz").stat().st_size
+    restored = compress.quantize_int8(MLP())
+    restored.load_state_dict(compress.load_compressed(tmp_path / "model.pt.gz"))
+    x = torch.rand(4, 1, 8, 8)
+    assert torch.equal(restored(x), int8(x))
+
+
+# --- distillation ---------------------------------------------------------------------------------
+
+def test_split_labelled_keeps_n_labels_and_hides_the_rest():
+    images, labels = torch.rand(50, 1, 8, 8), torch.arange(50) % 10
+    labelled, mixed = compress.split_labelled(ImageDataset(images, labels), 12, seed=1)
+    assert len(labelled) == 12 and len(mixed) == 50
+    assert int((mixed.labels != compress.UNLABELLED).sum()) == 12
+    assert sorted(labelled.labels.tolist()) == sorted(mixed.labels[mixed.labels >= 0].tolist())
+
+
+def test_distillation_loss_is_cross_entropy_at_alpha_zero_and_zero_for_a_perfect_copy():
+    logits, labels = torch.randn(6, 10), torch.tensor([0, 1, 2, -1, -1, 5])
+    known = labels >= 0
+    assert torch.allclose(compress.distillation_loss(logits, torch.randn(6, 10), labels, alpha=0.0),
+                          cross_entropy(logits[known], labels[known]))
+    assert compress.distillation_loss(logits, logits, labels, alpha=1.0).abs() < 1e-6
+
+
+def test_distillation_loss_scales_the_soft_term_by_t_squared():
+    student, teacher, hidden = torch.randn(6, 10), torch.randn(6, 10), torch.full((6,), -1)
+    soft = compress.distillation_loss(student, teacher, hidden, temperature=1.0, alpha=1.0)
+    assert torch.allclose(compress.distillation_loss(student * 3, teacher * 3, hidden, temperature=3.0, alpha=1.0),
+                          9 * soft)
+
+
+def test_distill_trains_the_student_and_leaves_the_teacher_as_it_was():
+    torch.manual_seed(0)
+    teacher, student = MLPv2(hidden=64).train(), MLP(hidden=8)
+    before = copy.deepcopy(teacher.state_dict())
+    images, labels = torch.rand(64, 1, 8, 8), torch.full((64,), compress.UNLABELLED)
+    losses = compress.distill(student, teacher, DataLoader(ImageDataset(images, labels), batch_size=16),
+                              epochs=5, progress=False)
+    assert losses[-1] < losses[0]
+    assert teacher.training and all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("amount", [-0.1, 1.5, True, "half", None])
+def test_pruning_amount_outside_0_1_is_refused(mlp, amount):
+    for prune_it in (lambda: compress.prune_layer(mlp, "fc1", amount), lambda: compress.prune_global(mlp, amount),
+                     lambda: compress.prune_neurons(mlp, "fc1", amount)):
+        with pytest.raises(InvalidArgumentError, match="amount"):
+            prune_it()
+
+
+def test_a_layer_without_that_parameter_is_refused(mlp):
+    with pytest.raises(InvalidArgumentError, match="'act' .*has no parameter 'weight'"):
+        compress.prune_layer(mlp, "act", 0.5)
+    with pytest.raises(InvalidArgumentError, match="no parameter 'scale'"):
+        compress.prune_layer(mlp, "fc1", 0.5, name="scale")
+
+
+def test_an_unknown_layer_is_refused_with_the_layer_names(mlp):
+    with pytest.raises(InvalidArgumentError, match=r"no layer 'fc9'.*\['fc1', 'fc2'\]"):
+        compress.prune_neurons(mlp, "fc9", 0.5)
+
+
+def test_a_model_with_nothing_to_prune_is_refused():
+    with pytest.raises(InvalidArgumentError, match="no layers of type"):
+        compress.prune_global(nn.Sequential(nn.ReLU()), 0.5)
+
+
+def test_unsupported_layer_types_for_int8_are_refused(mlp):
+    with pytest.raises(InvalidArgumentError, match="Conv2d"):
+        compress.quantize_int8(mlp, layer_types=(nn.Linear, nn.Conv2d))
+    with pytest.raises(InvalidArgumentError, match="no nn.Linear"):
+        compress.quantize_int8(nn.Sequential(nn.Conv2d(1, 4, 3)))
+    with pytest.raises(InvalidArgumentError, match="backend"):
+        compress.quantize_int8(mlp, backend="tensorrt")
+
+
+def test_other_bad_input_is_refused(mlp, tmp_path):
+    with pytest.raises(InvalidArgumentError, match="dtype"):
+        compress.cast(mlp, torch.int8)
+    with pytest.raises(InvalidArgumentError, match="temperature"):
+        compress.distillation_loss(torch.zeros(1, 10), torch.zeros(1, 10), torch.tensor([0]), temperature=0)
+    with pytest.raises(InvalidArgumentError, match="alpha"):
+        compress.distillation_loss(torch.zeros(1, 10), torch.zeros(1, 10), torch.tensor([0]), alpha=2)
+    with pytest.raises(InvalidArgumentError, match="n_labelled"):
+        compress.split_labelled(ImageDataset(torch.rand(5, 1, 8, 8), torch.zeros(5, dtype=torch.long)), 0)
+    with pytest.raises(InvalidArgumentError, match="batch_size"):
+        compress.latency_ms(mlp, (1, 8, 8), 0)
+    with pytest.raises(InvalidArgumentError, match="nn.Linear layers"):
+        compress.drop_pruned_neurons(build_model("cnn"), "features.conv1", "features.conv2")
+    (tmp_path / "plain.pt").write_bytes(b"not gzip")
+    with pytest.raises(InvalidArgumentError, match="not a gzip file"):
+        compress.load_compressed(tmp_path / "plain.pt")
