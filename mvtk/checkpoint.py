@@ -4,17 +4,17 @@ A checkpoint is one file written by `torch.save` (a zip archive) that holds only
 Python values, so `torch.load(path, weights_only=True)` opens it. `save_checkpoint` records the
 SHA-256 of those bytes in the zip's comment (the last bytes of the file) and writes atomically;
 `load_checkpoint` verifies the checksum before anything is unpickled, and never unpickles code.
+Periodic saving lives in `mvtk.checkpoint_periodic`, safetensors weights in `mvtk.checkpoint_weights`,
+encryption at rest in `mvtk.checkpoint_crypto`; import everything from here.
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import collections
 import contextlib
 import errno
 import glob
+import importlib
 import io
-import math
 import os
 import pickle
 import random
@@ -25,32 +25,29 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import safetensors
-import safetensors.torch
 import torch
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from torch import nn
 
+from mvtk.checkpoint_crypto import (ENCRYPTED_MAGIC, KEY_ENV_VAR, NONCE_BYTES, _check_key, _parse_encrypted,
+                                    decrypt_bytes, encrypt_bytes, load_key, new_key)
 from mvtk.errors import (ArchitectureMismatchError, CheckpointError, DecryptionError, IntegrityError,
                          InvalidArgumentError)
 from mvtk.files import atomic_write, sha256_bytes
 from mvtk.train import History
+# KEY_ENV_VAR, NONCE_BYTES, _check_key, load_key, new_key: imported to be re-exported, as MOVED is by __getattr__.
 
 FORMAT = "mvtk-checkpoint"         # payload["format"]: tells an mvtk checkpoint from any other torch file
 FORMAT_VERSION = 1
 SEAL_PREFIX = b"mvtk-sha256:"      # the zip comment is this prefix + 64 hex digits
 SEAL_LEN = len(SEAL_PREFIX) + 64
 ZIP_MAGIC, EOCD_MAGIC = b"PK\x03\x04", b"PK\x05\x06"  # start of a zip file; its end-of-directory record
-ENCRYPTED_MAGIC = b"MVTKENC1"      # first bytes of an encrypted checkpoint
-NONCE_BYTES = 12                   # AES-GCM's standard nonce size; a fresh random one per save
-KEY_ENV_VAR = "MVTK_CHECKPOINT_KEY"  # base64 of a 16/24/32-byte AES key
 GIT_TIMEOUT_S = 2.0
-LAST_NAME = "last.pt"              # ModelCheckpoint's pointer to the newest checkpoint
 STATE_KEYS = ("model", "optimizer", "scheduler", "rng")  # what load_checkpoint restores, not returns
 PLAIN = (str, int, float, bool, bytes, type(None))
 CONTAINERS = (dict, collections.OrderedDict, list, tuple, torch.Size)
 SHOW_KEYS = 8                      # how many keys an architecture-mismatch message lists per kind
+MOVED = {name: "mvtk.checkpoint_periodic" for name in ("ModelCheckpoint", "latest_checkpoint", "LAST_NAME")}
+MOVED.update({name: "mvtk.checkpoint_weights" for name in ("save_weights", "load_weights", "_require_weights_file")})
 
 
 # --- §2: a full training checkpoint ---------------------------------------------------------
@@ -362,245 +359,14 @@ def git_commit() -> str | None:
     return commit if re.fullmatch(r"[0-9a-f]{40,64}", commit) else None
 
 
-# --- §3: periodic checkpointing -------------------------------------------------------------
+# --- re-exports: the modules in MOVED import this one, so their names load on first use ----------
 
-class ModelCheckpoint:
-    """Save a checkpoint every n epochs as fit's `on_epoch_end`; keep the last k and best k (Lesson 03, §3).
-
-    Files are named like `epoch=0004-val_loss=0.1234.pt`; `last.pt` points at the newest. Files of
-    an earlier run in `dirpath` (found by name) count towards the last k / best k, so a resumed
-    run carries on pruning where the crashed one stopped. Other files are never touched.
-    """
-
-    def __init__(self, dirpath: str | os.PathLike, model: nn.Module, optimizer=None, scheduler=None, *,
-                 monitor: str | None = "val_loss", mode: str = "min", save_top_k: int = 1, keep_last: int = 1,
-                 every_n_epochs: int = 1, save_last: bool = True, loader_generator: torch.Generator | None = None,
-                 steps_per_epoch: int = 0, extra: dict | None = None, key: bytes | None = None,
-                 name: str | None = None):
-        if mode not in ("min", "max"):
-            raise InvalidArgumentError(f"mode must be 'min' or 'max', got {mode!r}")
-        if monitor is not None and not (isinstance(monitor, str) and re.fullmatch(r"\w+", monitor)):
-            raise InvalidArgumentError(f"monitor must be a metric name such as 'val_loss' or None, got {monitor!r}")
-        for label, value, low in (("save_top_k", save_top_k, -1), ("keep_last", keep_last, -1),
-                                  ("every_n_epochs", every_n_epochs, 1), ("steps_per_epoch", steps_per_epoch, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise InvalidArgumentError(f"{label} must be an int >= {low}, got {value!r}")
-        self.dirpath = Path(dirpath)
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.monitor, self.mode, self.save_top_k, self.keep_last = monitor, mode, save_top_k, keep_last
-        self.every_n_epochs, self.save_last, self.steps_per_epoch = every_n_epochs, save_last, steps_per_epoch
-        self.loader_generator, self.extra, self.key, self.name = loader_generator, extra, key, name
-        self.pattern = re.compile(r"epoch=(\d+)" + (rf"-{monitor}=([-+]?(?:\d+\.\d+|nan|inf))" if monitor else "")
-                                  + r"\.pt")
-        self.dirpath.mkdir(parents=True, exist_ok=True)
-        self.saved: dict[str, tuple[int, float | None]] = self._scan()
-
-    def __call__(self, epoch: int, history: History | dict) -> None:
-        """Save if `epoch` is a multiple of every_n_epochs, prune, move `last.pt` (Lesson 03, §3)."""
-        if epoch % self.every_n_epochs:
-            return None
-        metrics = {k: float(v[-1]) for k, v in _history_dict(history).items() if v}
-        if self.monitor is not None and self.monitor not in metrics:
-            raise InvalidArgumentError(f"monitor {self.monitor!r} is not in the history; it has {sorted(metrics)}")
-        value = metrics.get(self.monitor) if self.monitor else None
-        path = self.dirpath / self.filename(epoch, value)
-        for stale in glob.glob(str(self.dirpath / ".epoch=*.pt.*.tmp")):
-            Path(stale).unlink(missing_ok=True)
-        save_checkpoint(path, self.model, self.optimizer, self.scheduler, epoch=epoch,
-                        step=epoch * self.steps_per_epoch, history=history, loader_generator=self.loader_generator,
-                        metrics=metrics, extra=self.extra, key=self.key, name=self.name)
-        self.saved[path.name] = (epoch, value)
-        if self.save_last:
-            self._point_last(path)
-        self._prune()
-        return None
-
-    def filename(self, epoch: int, value: float | None = None) -> str:
-        """The readable file name for an epoch, e.g. `epoch=0004-val_loss=0.1234.pt` (Lesson 03, §3)."""
-        return f"epoch={epoch:04d}" + (f"-{self.monitor}={value:.4f}" if self.monitor else "") + ".pt"
-
-    @property
-    def best_path(self) -> Path | None:
-        """The kept checkpoint with the best value (ties: the earliest; no monitor: the newest) (Lesson 03, §3)."""
-        ranked = self._ranked()
-        return self.dirpath / ranked[0] if ranked else None
-
-    @property
-    def last_path(self) -> Path | None:
-        """The newest kept checkpoint file, or None before the first save (Lesson 03, §3)."""
-        if not self.saved:
-            return None
-        return self.dirpath / max(self.saved, key=lambda n: self.saved[n][0])
-
-    def _ranked(self) -> list[str]:
-        if self.monitor is None:  # as in Lightning: without a monitor, the newest counts as best
-            return sorted(self.saved, key=lambda n: -self.saved[n][0])
-        sign = 1.0 if self.mode == "min" else -1.0
-
-        def score(name):
-            epoch, value = self.saved[name]
-            return (math.isnan(value), sign * value if not math.isnan(value) else 0.0, epoch)
-        return sorted(self.saved, key=score)
-
-    def _prune(self) -> None:
-        by_epoch = sorted(self.saved, key=lambda n: self.saved[n][0])
-        keep = set(by_epoch if self.keep_last == -1 else by_epoch[len(by_epoch) - self.keep_last:])
-        ranked = self._ranked()
-        keep |= set(ranked if self.save_top_k == -1 else ranked[:self.save_top_k])
-        if self.save_last and by_epoch:
-            keep.add(by_epoch[-1])
-        for file_name in set(self.saved) - keep:
-            (self.dirpath / file_name).unlink(missing_ok=True)
-            del self.saved[file_name]
-
-    def _point_last(self, target: Path) -> None:
-        link = self.dirpath / LAST_NAME
-        remove_stale_temps(link)
-        tmp = self.dirpath / f".{LAST_NAME}.{os.getpid()}.tmp"
-        try:
-            os.symlink(target.name, tmp)  # relative, so the folder can be moved
-        except (OSError, NotImplementedError):  # no symlinks (Windows without developer mode): a hard link
-            os.link(target, tmp)
-        os.replace(tmp, link)
-
-    def _scan(self) -> dict[str, tuple[int, float | None]]:
-        found = {}
-        for path in self.dirpath.iterdir():
-            match = self.pattern.fullmatch(path.name)
-            if match and path.is_file() and not path.is_symlink():
-                found[path.name] = (int(match.group(1)), float(match.group(2)) if self.monitor else None)
-        return found
+def __getattr__(name: str):
+    """`from mvtk.checkpoint import X` for the names that moved out (MOVED), imported when first asked for."""
+    if name not in MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(MOVED[name]), name)
 
 
-def latest_checkpoint(dirpath: str | os.PathLike) -> Path | None:
-    """`last.pt` in `dirpath`, else its newest `epoch=NNNN*.pt`, else None: where to resume from (Lesson 03, §4)."""
-    folder = Path(dirpath)
-    if (folder / LAST_NAME).exists():
-        return folder / LAST_NAME
-    epochs = [(int(m.group(1)), p) for p in folder.glob("epoch=*.pt") if (m := re.match(r"epoch=(\d+)", p.name))]
-    return max(epochs)[1] if epochs else None
-
-
-# --- §5: safetensors ----------------------------------------------------------------------
-
-def save_weights(path: str | os.PathLike, model: nn.Module, metadata: dict[str, str] | None = None) -> Path:
-    """Write the model's tensors as safetensors (no pickle) with torch version, time, git commit (Lesson 03, §5)."""
-    if not isinstance(model, nn.Module):
-        raise InvalidArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    extra = _plain_dict(metadata, "metadata")
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
-        raise InvalidArgumentError(f"safetensors metadata must map str to str, got {extra!r}")
-    meta = {"format": "mvtk-weights", "model_class": type(model).__name__, "torch_version": str(torch.__version__),
-            "created": _now()}
-    commit = git_commit()
-    if commit:
-        meta["git_commit"] = commit
-    meta.update(extra)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    remove_stale_temps(path)
-    with _writing(path) as tmp:
-        safetensors.torch.save_file(tensors, tmp, metadata=meta)
-    return Path(path)
-
-
-def load_weights(path: str | os.PathLike, model: nn.Module | None = None, *, device="cpu") -> dict[str, str]:
-    """Load a safetensors file into `model` (checked to fit first); returns its metadata (Lesson 03, §5)."""
-    source = str(path)
-    _require_weights_file(path)
-    try:
-        with safetensors.safe_open(source, framework="pt", device="cpu") as handle:
-            metadata = dict(handle.metadata() or {})
-        state = safetensors.torch.load_file(source, device=str(device)) if model is not None else None
-    except (safetensors.SafetensorError, OSError, RuntimeError) as exc:
-        raise CheckpointError(f"{source!r} is not a readable safetensors file: {_first_line(exc)}") from None
-    if model is not None:
-        check_state_dict_fits(model, state, source)
-        model.load_state_dict(state)
-    return metadata
-
-
-def _require_weights_file(path: str | os.PathLike) -> None:
-    if not Path(path).is_file():
-        raise CheckpointError(f"weights file {str(path)!r} does not exist (or is not a file)")
-    if Path(path).stat().st_size == 0:
-        raise CheckpointError(f"weights file {str(path)!r} is empty (0 bytes)")
-
-
-# --- §7: encryption at rest ---------------------------------------------------------------
-
-def new_key(key_file: str | os.PathLike | None = None) -> bytes:
-    """A fresh random 256-bit AES key; written as base64 to `key_file` (mode 600) if given (Lesson 03, §7).
-
-    Refuses to overwrite an existing key file: losing a key loses every model it encrypted.
-    """
-    key = AESGCM.generate_key(bit_length=256)
-    if key_file is not None:
-        if Path(key_file).exists():
-            raise InvalidArgumentError(f"key file {str(key_file)!r} already exists; refusing to overwrite a key")
-        with atomic_write(key_file) as tmp:
-            os.chmod(tmp, 0o600)  # owner-only before the key is in it
-            tmp.write_bytes(base64.urlsafe_b64encode(key) + b"\n")
-    return key
-
-
-def load_key(key_file: str | os.PathLike | None = None, *, env_var: str = KEY_ENV_VAR) -> bytes:
-    """The AES key from `key_file`, else from the environment variable `env_var` (base64) (Lesson 03, §7)."""
-    if key_file is not None:
-        if not Path(key_file).is_file():
-            raise InvalidArgumentError(f"key file {str(key_file)!r} does not exist; make one with new_key(path)")
-        text, source = Path(key_file).read_text(), f"key file {str(key_file)!r}"
-    else:
-        text, source = os.environ.get(env_var), f"${env_var}"
-        if text is None:
-            raise InvalidArgumentError(f"no encryption key: set ${env_var} to a base64 key or pass key_file= "
-                                       "(make one with mvtk.checkpoint.new_key(path))")
-    try:
-        key = base64.urlsafe_b64decode(text.strip().encode("ascii"))
-    except (binascii.Error, UnicodeError, ValueError):
-        raise InvalidArgumentError(f"{source} is not base64 text") from None
-    return _check_key(key, source)
-
-
-def encrypt_bytes(data: bytes, key: bytes, name: str) -> bytes:
-    """AES-GCM encrypt `data` with a fresh nonce; the header naming the model is authenticated too (Lesson 03, §7)."""
-    _check_key(key, "key")
-    if not isinstance(name, str) or not name or len(name.encode()) > 1024:
-        raise InvalidArgumentError(f"name must be a non-empty str naming the model, got {name!r}")
-    label = name.encode("utf-8")
-    header = ENCRYPTED_MAGIC + len(label).to_bytes(2, "little") + label
-    nonce = os.urandom(NONCE_BYTES)
-    return header + nonce + AESGCM(key).encrypt(nonce, data, header)
-
-
-def decrypt_bytes(blob: bytes, key: bytes, name: str | None = None, *, source: str = "data") -> bytes:
-    """Decrypt encrypt_bytes' output; DecryptionError for a wrong key, another model or tampering (Lesson 03, §7)."""
-    _check_key(key, "key")
-    header, stored, nonce, ciphertext = _parse_encrypted(blob, source)
-    if name is not None and name != stored:
-        raise DecryptionError(f"{source!r} is encrypted for model {stored!r}, not {name!r}")
-    try:
-        return AESGCM(key).decrypt(nonce, ciphertext, header)
-    except InvalidTag:
-        raise DecryptionError(f"cannot decrypt {source!r}: wrong key, or the file was changed after it was "
-                              "encrypted (AES-GCM authentication failed)") from None
-
-
-def _parse_encrypted(blob: bytes, source: str) -> tuple[bytes, str, bytes, bytes]:
-    if not blob.startswith(ENCRYPTED_MAGIC):
-        raise DecryptionError(f"{source!r} is not an mvtk encrypted file (it does not start with {ENCRYPTED_MAGIC!r})")
-    start = len(ENCRYPTED_MAGIC) + 2
-    end = start + int.from_bytes(blob[len(ENCRYPTED_MAGIC):start], "little")
-    if len(blob) < end + NONCE_BYTES + 16:
-        raise DecryptionError(f"{source!r} is truncated: shorter than its header, nonce and tag")
-    try:
-        stored = blob[start:end].decode("utf-8")
-    except UnicodeDecodeError:
-        raise DecryptionError(f"{source!r} has a damaged header (the model name is not UTF-8)") from None
-    return blob[:end], stored, blob[end:end + NONCE_BYTES], blob[end + NONCE_BYTES:]
-
-
-def _check_key(key, source: str) -> bytes:
-    if not isinstance(key, bytes) or len(key) not in (16, 24, 32):
-        size = len(key) if isinstance(key, bytes) else type(key).__name__
-        raise InvalidArgumentError(f"{source} must be a 16, 24 or 32-byte AES key, got {size}")
-    return key
+def __dir__() -> list[str]:
+    return sorted([*globals(), *MOVED])

@@ -1,0 +1,60 @@
+"""Weights without pickle: safetensors files with provenance metadata (Lesson 03, §5).
+
+`mvtk.checkpoint` re-exports everything here; import it from there.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import nn
+
+from mvtk import checkpoint  # public helpers called through the module, so a monkeypatch of mvtk.checkpoint.X applies
+from mvtk.checkpoint import _first_line, _now, _plain_dict, _writing
+from mvtk.errors import CheckpointError, InvalidArgumentError
+
+
+def save_weights(path: str | os.PathLike, model: nn.Module, metadata: dict[str, str] | None = None) -> Path:
+    """Write the model's tensors as safetensors (no pickle) with torch version, time, git commit (Lesson 03, §5)."""
+    if not isinstance(model, nn.Module):
+        raise InvalidArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    extra = _plain_dict(metadata, "metadata")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
+        raise InvalidArgumentError(f"safetensors metadata must map str to str, got {extra!r}")
+    meta = {"format": "mvtk-weights", "model_class": type(model).__name__, "torch_version": str(torch.__version__),
+            "created": _now()}
+    commit = checkpoint.git_commit()
+    if commit:
+        meta["git_commit"] = commit
+    meta.update(extra)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    checkpoint.remove_stale_temps(path)
+    with _writing(path) as tmp:
+        safetensors.torch.save_file(tensors, tmp, metadata=meta)
+    return Path(path)
+
+
+def load_weights(path: str | os.PathLike, model: nn.Module | None = None, *, device="cpu") -> dict[str, str]:
+    """Load a safetensors file into `model` (checked to fit first); returns its metadata (Lesson 03, §5)."""
+    source = str(path)
+    _require_weights_file(path)
+    try:
+        with safetensors.safe_open(source, framework="pt", device="cpu") as handle:
+            metadata = dict(handle.metadata() or {})
+        state = safetensors.torch.load_file(source, device=str(device)) if model is not None else None
+    except (safetensors.SafetensorError, OSError, RuntimeError) as exc:
+        raise CheckpointError(f"{source!r} is not a readable safetensors file: {_first_line(exc)}") from None
+    if model is not None:
+        checkpoint.check_state_dict_fits(model, state, source)
+        model.load_state_dict(state)
+    return metadata
+
+
+def _require_weights_file(path: str | os.PathLike) -> None:
+    if not Path(path).is_file():
+        raise CheckpointError(f"weights file {str(path)!r} does not exist (or is not a file)")
+    if Path(path).stat().st_size == 0:
+        raise CheckpointError(f"weights file {str(path)!r} is empty (0 bytes)")
