@@ -1,0 +1,524 @@
+"""ONNX export, checking, ONNX Runtime inference, int8, torch.export and a Predictor (Lesson 07).
+
+`export_onnx` uses the current exporter (`torch.onnx.export(..., dynamo=True)`, built on
+`torch.export`) with a dynamic batch dimension; `check_parity` proves the ONNX graph computes
+what PyTorch computes; `Predictor` is the deployment end: a registered version, exported once
+into a cache keyed by its SHA-256, behind input validation.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import os
+import statistics
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from mvtk.env import DEFAULT_THREADS
+from mvtk.errors import ExportError, InputShapeError, InvalidArgumentError
+from mvtk.files import atomic_write, write_bytes_atomic
+
+INPUT_NAME = "images"    # the graph's input and output names, as a deployment reads them
+OUTPUT_NAME = "logits"
+BATCH_DIM = "batch"      # the name of the dynamic batch dimension inside the ONNX graph
+PARITY_RTOL, PARITY_ATOL = 1e-3, 1e-5  # ONNX Runtime vs PyTorch, float32 on the CPU
+INT8_OP_TYPES = ("MatMul", "Gemm")     # quantize the linear layers; ConvInteger is slow on ORT's CPU
+
+
+# -- §1 preparing for inference ---------------------------------------------------------------------------
+
+
+def predict_logits(model: nn.Module, images: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
+    """Logits for `images` in eval mode under torch.inference_mode, in batches, on the CPU (Lesson 07, §1).
+
+    The model's train/eval mode is restored afterwards; the input goes to the model's device.
+    """
+    _check_module(model)
+    images = _check_tensor(images, "images")
+    _check_positive_int(batch_size, "batch_size")
+    device = next(iter(model.parameters()), torch.empty(0)).device  # CPU for parameter-less (e.g. int8) models
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            parts = [model(chunk.to(device)).cpu() for chunk in images.split(batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.cat(parts)
+
+
+# -- §2 exporting and inspecting --------------------------------------------------------------------------
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike, *,
+                dynamic_batch: bool = True, external_data: bool = False, opset: int | None = None) -> Path:
+    """Export an eval-mode CPU copy of `model` to ONNX at `path` with the dynamo exporter; returns the path.
+
+    Lesson 07, §2. The model itself is not changed. `example` is one batch of input; with
+    `dynamic_batch` the graph accepts any batch size. `external_data=True` writes the weights to
+    `<path>.data` beside the graph (torch's default layout, needed above 2 GB); False writes one
+    self-contained file. Files are written atomically and the result passes `onnx.checker`.
+    """
+    _check_module(model)
+    example = _check_tensor(example, "example")
+    path = _check_onnx_path(path)
+    program = _to_onnx_program(model, example, dynamic_batch, opset)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save_checked(program.model_proto, path, external_data)
+    return path
+
+
+def _to_onnx_program(model: nn.Module, example: torch.Tensor, dynamic_batch: bool, opset: int | None):
+    cpu_model = copy.deepcopy(model).cpu().eval()
+    example = example.detach().cpu()
+    if dynamic_batch and example.shape[0] == 1:
+        example = example.repeat(2, *[1] * (example.dim() - 1))  # a batch of 1 would be specialised to 1
+    dynamic_shapes = ({0: torch.export.Dim(BATCH_DIM)},) if dynamic_batch else None
+    try:
+        return torch.onnx.export(cpu_model, (example,), dynamo=True, verbose=False, opset_version=opset,
+                                 input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                 dynamic_shapes=dynamic_shapes)
+    except Exception as exc:  # the exporter raises many types; the lesson needs one with the model's name
+        raise ExportError(f"could not export {type(model).__name__} to ONNX with input of shape "
+                          f"{tuple(example.shape)}: {_first_line(exc)}") from exc
+
+
+def _save_checked(proto: onnx.ModelProto, path: Path, external_data: bool) -> None:
+    data_path = path.with_name(path.name + ".data")
+    # Save under the final names in a staging folder and check there, so a model that fails the
+    # checker never reaches `path`; then move the data first and the graph last, each atomically,
+    # so the .onnx file on disk never points at data that is not there yet.
+    with tempfile.TemporaryDirectory(dir=path.parent) as staging:
+        staged = Path(staging) / path.name
+        if external_data:
+            onnx.save_model(copy.deepcopy(proto), os.fspath(staged), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=data_path.name)
+        else:
+            onnx.save_model(proto, os.fspath(staged))
+        check_onnx(staged)
+        if external_data:
+            with atomic_write(data_path) as tmp:
+                os.replace(staged.with_name(data_path.name), tmp)
+        with atomic_write(path) as tmp:
+            os.replace(staged, tmp)
+    if not external_data:
+        data_path.unlink(missing_ok=True)  # an older two-file export's weights, no longer referenced
+
+
+def check_onnx(path: str | os.PathLike) -> Path:
+    """Run onnx.checker (full check, with shape inference) on a saved model; returns its path (Lesson 07, §2).
+
+    Raises ExportError naming the file when it is missing, unreadable or invalid.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"no ONNX file at {str(path)!r}")
+    try:
+        onnx.checker.check_model(os.fspath(path), full_check=True)  # a path, so external data is found
+    except Exception as exc:
+        raise ExportError(f"{path.name} is not a valid ONNX model: {_first_line(exc)}") from exc
+    return path
+
+
+@dataclass(frozen=True)
+class OnnxSummary:
+    """What is inside an ONNX file: opset, operators, inputs/outputs, weights and files (Lesson 07, §2)."""
+    opset: int
+    operators: dict[str, int]                     # op type -> how many nodes, in graph order
+    inputs: list[tuple[str, tuple, str]]          # (name, shape with named dynamic dims, dtype)
+    outputs: list[tuple[str, tuple, str]]
+    parameters: int                               # scalars in initializers: the weights + small constants
+    files: dict[str, int]                         # file name -> bytes: the graph and any external data
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(self.files.values())
+
+
+def describe_onnx(path: str | os.PathLike) -> OnnxSummary:
+    """Summarise a saved ONNX model without loading its weights into memory (Lesson 07, §2)."""
+    path = Path(path)
+    proto = _load_graph_only(path)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return OnnxSummary(
+        opset=opset,
+        operators=dict(Counter(node.op_type for node in proto.graph.node)),
+        inputs=[_value_info(v) for v in proto.graph.input],
+        outputs=[_value_info(v) for v in proto.graph.output],
+        parameters=sum(int(np.prod(t.dims)) for t in proto.graph.initializer),
+        files={p.name: p.stat().st_size for p in onnx_files(path)})
+
+
+def onnx_files(path: str | os.PathLike) -> list[Path]:
+    """The files an ONNX model consists of: the .onnx graph, then its external data files (Lesson 07, §2)."""
+    path = Path(path)
+    proto = _load_graph_only(path)
+    locations = []
+    for tensor in proto.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = next(e.value for e in tensor.external_data if e.key == "location")
+            if location not in locations:
+                locations.append(location)
+    return [path] + [path.parent / location for location in locations]
+
+
+def onnx_size(path: str | os.PathLike) -> int:
+    """Bytes on disk of an ONNX model, graph and external data together (Lesson 07, §5)."""
+    return sum(p.stat().st_size for p in onnx_files(path))
+
+
+def _load_graph_only(path: Path) -> onnx.ModelProto:
+    if not path.is_file():
+        raise ExportError(f"no ONNX file at {str(path)!r}")
+    try:
+        return onnx.load(os.fspath(path), load_external_data=False)
+    except Exception as exc:
+        raise ExportError(f"{path.name} is not a readable ONNX file: {type(exc).__name__}") from exc
+
+
+def _value_info(value: onnx.ValueInfoProto) -> tuple[str, tuple, str]:
+    tensor = value.type.tensor_type
+    shape = tuple(d.dim_param if d.dim_param else d.dim_value for d in tensor.shape.dim)
+    return value.name, shape, onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
+
+
+# -- §3 running with ONNX Runtime --------------------------------------------------------------------------
+
+
+def load_session(path: str | os.PathLike, *, threads: int = DEFAULT_THREADS) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session for a saved model, using `threads` threads like torch (Lesson 07, §3)."""
+    _check_positive_int(threads, "threads")
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"no ONNX file at {str(path)!r}")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ExportError(f"ONNX Runtime cannot load {path.name}: {_first_line(exc)}") from exc
+
+
+def run_onnx(session: ort.InferenceSession, images: torch.Tensor | np.ndarray) -> np.ndarray:
+    """The session's first output (the logits) for a batch, as a float32 numpy array (Lesson 07, §3)."""
+    array = _to_numpy(images, "images")
+    name = session.get_inputs()[0].name
+    return session.run(None, {name: np.ascontiguousarray(array, dtype=np.float32)})[0]
+
+
+class Parity(NamedTuple):
+    """How closely ONNX Runtime matches PyTorch on a set of inputs (Lesson 07, §3)."""
+    max_abs_diff: float   # largest |onnx - torch| over all logits
+    agreement: float      # fraction of samples with the same predicted class
+    samples: int
+
+
+def check_parity(model: nn.Module, session: ort.InferenceSession, images: torch.Tensor, *,
+                 rtol: float = PARITY_RTOL, atol: float = PARITY_ATOL) -> Parity:
+    """Compare ONNX Runtime's logits with PyTorch's on `images`; raise ExportError beyond rtol/atol (Lesson 07, §3).
+
+    PyTorch runs a CPU copy of the model, as ONNX Runtime runs on the CPU here (a GPU's TF32
+    convolutions would differ by more than atol).
+    """
+    _check_module(model)
+    expected = predict_logits(copy.deepcopy(model).cpu(), images).numpy()
+    actual = run_onnx(session, images)
+    if actual.shape != expected.shape:
+        raise ExportError(f"ONNX output has shape {actual.shape}, PyTorch's has {expected.shape}")
+    diff = float(np.max(np.abs(actual - expected))) if expected.size else 0.0
+    if not np.allclose(actual, expected, rtol=rtol, atol=atol):
+        raise ExportError(f"ONNX Runtime and PyTorch disagree: max |difference| {diff:.3g} is beyond "
+                          f"rtol={rtol:g}, atol={atol:g}; was the model exported in eval() mode, from these weights?")
+    agreement = float(np.mean(actual.argmax(axis=1) == expected.argmax(axis=1))) if len(expected) else 1.0
+    return Parity(max_abs_diff=diff, agreement=agreement, samples=len(expected))
+
+
+# -- §4 speed ---------------------------------------------------------------------------------------------
+
+
+def median_latency(fn: Callable[[], Any], *, repeats: int | None = None, warmup: int = 2,
+                   budget_s: float = 0.5) -> float:
+    """Median seconds per call of `fn` after `warmup` calls; repeats fit `budget_s` if not given (Lesson 07, §4)."""
+    return median_latencies([fn], repeats=repeats, warmup=warmup, budget_s=budget_s)[0]
+
+
+def median_latencies(fns: Sequence[Callable[[], Any]], *, repeats: int | None = None, warmup: int = 2,
+                     budget_s: float = 0.5, rounds: int = 3) -> list[float]:
+    """Median seconds per call of each function, timed in alternating warmed-up blocks (Lesson 07, §4).
+
+    Each of `rounds` rounds runs every function `warmup` times untimed, then `repeats / rounds` times
+    timed, one function after the other: a change in machine load hits all of them alike, and one
+    runtime's idle threads (ONNX Runtime's and PyTorch's both spin a while after a call) never
+    slow the other's timed calls. Without `repeats`, as many calls as fit `budget_s` (5 to 200 each).
+    """
+    if not fns or not all(callable(fn) for fn in fns):
+        raise InvalidArgumentError(f"fns must be a non-empty list of callables, got {fns!r}")
+    _check_positive_int(warmup, "warmup")
+    _check_positive_int(rounds, "rounds")
+    if repeats is None:
+        first = [_seconds(fn) for fn in fns]
+        repeats = int(min(200, max(5, budget_s / max(sum(first), 1e-6))))
+    _check_positive_int(repeats, "repeats")
+    per_round = -(-repeats // rounds)  # ceiling division
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, bucket in zip(fns, times):
+            for _ in range(warmup):
+                fn()
+            bucket.extend(_seconds(fn) for _ in range(per_round))
+    return [statistics.median(bucket) for bucket in times]
+
+
+def _seconds(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+class Latency(NamedTuple):
+    """Median seconds per batch for PyTorch eager and ONNX Runtime, both on the CPU (Lesson 07, §4)."""
+    batch: int
+    eager_s: float
+    onnx_s: float
+
+    @property
+    def speedup(self) -> float:
+        """How many times faster ONNX Runtime is than eager PyTorch."""
+        return self.eager_s / self.onnx_s
+
+
+def compare_latency(model: nn.Module, session: ort.InferenceSession, input_shape: Sequence[int],
+                    batch_sizes: Sequence[int] = (1, 256), *, budget_s: float = 0.5) -> list[Latency]:
+    """Time eager PyTorch (a CPU copy, inference_mode) against ONNX Runtime per batch size (Lesson 07, §4).
+
+    `input_shape` is one sample's shape, e.g. (1, 16, 16); inputs are random, made on the CPU; the two
+    engines are timed in alternating blocks (see median_latencies); `budget_s` is per batch size.
+    """
+    _check_module(model)
+    eager = copy.deepcopy(model).cpu().eval()
+    rows = []
+    for batch in batch_sizes:
+        _check_positive_int(batch, "batch size")
+        images = torch.rand(batch, *input_shape)
+        array = images.numpy()
+
+        def run_eager():
+            with torch.inference_mode():
+                eager(images)
+
+        eager_s, onnx_s = median_latencies([run_eager, lambda: run_onnx(session, array)], budget_s=budget_s)
+        rows.append(Latency(batch, eager_s, onnx_s))
+    return rows
+
+
+# -- §5 int8 for deployment -------------------------------------------------------------------------------
+
+
+def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, *,
+                  op_types: Sequence[str] | None = INT8_OP_TYPES, per_channel: bool = False) -> Path:
+    """Write an int8 copy of an ONNX model with onnxruntime's quantize_dynamic; returns `dst` (Lesson 07, §5).
+
+    Weights of `op_types` nodes become int8 (None: every supported op, Conv included);
+    activations are quantized on the fly. The model is pre-processed (shape inference,
+    graph optimisation) first, as ONNX Runtime recommends. One self-contained file is written.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    src, dst = Path(src), _check_onnx_path(dst)
+    check_onnx(src)
+    if op_types is not None and (isinstance(op_types, str) or not all(isinstance(o, str) for o in op_types)):
+        raise InvalidArgumentError(f"op_types must be a list of ONNX op names such as ['MatMul', 'Gemm'] or None, "
+                                   f"got {op_types!r}")
+    with tempfile.TemporaryDirectory() as work, atomic_write(dst) as tmp:
+        prepared = os.path.join(work, "prepared.onnx")
+        quant_pre_process(os.fspath(src), prepared)
+        quantize_dynamic(prepared, os.fspath(tmp), weight_type=QuantType.QInt8, per_channel=per_channel,
+                         op_types_to_quantize=None if op_types is None else list(op_types))
+    check_onnx(dst)
+    return dst
+
+
+# -- §6 torch.export (.pt2) -------------------------------------------------------------------------------
+
+
+def save_exported(model: nn.Module, example: torch.Tensor, path: str | os.PathLike, *,
+                  dynamic_batch: bool = True) -> Path:
+    """torch.export an eval-mode CPU copy of `model` and save the program as a .pt2 file (Lesson 07, §6)."""
+    _check_module(model)
+    example = _check_tensor(example, "example").detach().cpu()
+    path = Path(path)
+    if path.suffix != ".pt2":
+        raise InvalidArgumentError(f"path must end in .pt2, got {str(path)!r}")
+    if dynamic_batch and example.shape[0] == 1:
+        example = example.repeat(2, *[1] * (example.dim() - 1))
+    dynamic_shapes = ({0: torch.export.Dim(BATCH_DIM)},) if dynamic_batch else None
+    try:
+        program = torch.export.export(copy.deepcopy(model).cpu().eval(), (example,), dynamic_shapes=dynamic_shapes)
+    except Exception as exc:
+        raise ExportError(f"torch.export could not capture {type(model).__name__}: {_first_line(exc)}") from exc
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return write_bytes_atomic(path, buffer.getvalue())
+
+
+def load_exported(path: str | os.PathLike) -> nn.Module:
+    """Load a .pt2 file saved by save_exported as a callable module, no Python class needed (Lesson 07, §6)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"no .pt2 file at {str(path)!r}")
+    try:
+        return torch.export.load(os.fspath(path)).module()
+    except Exception as exc:
+        raise ExportError(f"{path.name} is not a loadable torch.export program: {type(exc).__name__}") from exc
+
+
+# -- §7 a Predictor for deployment ------------------------------------------------------------------------
+
+
+class Prediction(NamedTuple):
+    """Predicted class per sample and the softmax probabilities behind it (Lesson 07, §7)."""
+    labels: np.ndarray         # int64, shape (N,)
+    probabilities: np.ndarray  # float32, shape (N, classes), rows sum to 1
+
+
+class Predictor:
+    """An ONNX Runtime model behind input checks: shape, dtype, NaN/inf, value range (Lesson 07, §7).
+
+    Build it from a file, or with `Predictor.from_registry` from a registered version.
+    """
+
+    def __init__(self, onnx_path: str | os.PathLike, *, value_range: tuple[float, float] | None = (0.0, 1.0),
+                 threads: int = DEFAULT_THREADS, source: str | None = None):
+        if value_range is not None and (len(value_range) != 2 or not value_range[0] < value_range[1]):
+            raise InvalidArgumentError(f"value_range must be (low, high) with low < high, or None, got {value_range!r}")
+        self.path = Path(onnx_path)
+        check_onnx(self.path)
+        self.session = load_session(self.path, threads=threads)
+        graph_input = self.session.get_inputs()[0]
+        self.input_shape = tuple(graph_input.shape[1:])   # one sample, e.g. (1, 16, 16)
+        if not all(isinstance(d, int) for d in self.input_shape):
+            raise ExportError(f"{self.path.name}: only the batch dimension may be dynamic, "
+                              f"got input shape {graph_input.shape}")
+        self.value_range = value_range
+        self.source = source or self.path.name
+
+    def __repr__(self) -> str:
+        return f"Predictor({self.source}, input (N, {', '.join(map(str, self.input_shape))}))"
+
+    @classmethod
+    def from_registry(cls, registry, name: str, *, alias: str | None = "production", version: int | None = None,
+                      cache_dir: str | os.PathLike, input_shape: Sequence[int] | None = None,
+                      **kwargs) -> "Predictor":
+        """Serve a registered version (by alias or number) as ONNX, exported once per SHA-256 (Lesson 07, §7).
+
+        The export goes to `cache_dir/<name>-v<version>-<sha256[:16]>.onnx` and is checked for parity
+        with the PyTorch weights; a later call for the same weights reuses the file.
+        """
+        mv = registry.get(name, version=version, alias=None if version is not None else alias)
+        path = Path(cache_dir) / f"{mv.name}-v{mv.version}-{mv.sha256[:16]}.onnx"
+        if not path.is_file():
+            model = registry.load_model(mv.name, version=mv.version)
+            shape = tuple(input_shape) if input_shape is not None else sample_shape(model)
+            example = torch.rand(2, *shape, generator=torch.Generator().manual_seed(0))
+            export_onnx(model, example, path)
+            check_parity(model, load_session(path), example)
+        return cls(path, source=f"{mv.name} v{mv.version}", **kwargs)
+
+    def validate(self, images: torch.Tensor | np.ndarray) -> np.ndarray:
+        """The batch as a float32 numpy array, or InputShapeError saying what is wrong and how to fix it."""
+        array = _to_numpy(images, "images", error=InputShapeError)
+        expected = f"(N, {', '.join(map(str, self.input_shape))})"
+        if array.dtype != np.float32:
+            raise InputShapeError(f"{self.source} expects float32 images, got {array.dtype}; convert with "
+                                  "images.float() (torch) or images.astype(np.float32) (numpy)")
+        if array.ndim == len(self.input_shape) and tuple(array.shape) == self.input_shape:
+            raise InputShapeError(f"{self.source} expects a batch of shape {expected}, got one image of shape "
+                                  f"{tuple(array.shape)}; add the batch dimension with images[None]")
+        if array.ndim != len(self.input_shape) + 1 or tuple(array.shape[1:]) != self.input_shape:
+            raise InputShapeError(f"{self.source} expects a batch of shape {expected}, got {tuple(array.shape)}")
+        if array.shape[0] == 0:
+            raise InputShapeError(f"{self.source} got an empty batch of shape {tuple(array.shape)}; send at least one image")
+        bad = ~np.isfinite(array)
+        if bad.any():
+            samples = np.flatnonzero(bad.reshape(len(array), -1).any(axis=1))
+            raise InputShapeError(f"{self.source} got {int(bad.sum())} NaN/inf value(s) in {len(samples)} image(s), "
+                                  f"first in image {int(samples[0])}; clean or drop those images")
+        if self.value_range is not None:
+            low, high = self.value_range
+            lo, hi = float(array.min()), float(array.max())
+            if lo < low or hi > high:
+                raise InputShapeError(f"{self.source} expects pixel values in [{low:g}, {high:g}] as in training, "
+                                      f"got values from {lo:.3g} to {hi:.3g}; scale the images the same way")
+        return array
+
+    def predict(self, images: torch.Tensor | np.ndarray) -> Prediction:
+        """Labels and softmax probabilities for a validated batch (Lesson 07, §7)."""
+        logits = run_onnx(self.session, self.validate(images))
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probabilities = (shifted / shifted.sum(axis=1, keepdims=True)).astype(np.float32)
+        return Prediction(labels=probabilities.argmax(axis=1).astype(np.int64), probabilities=probabilities)
+
+
+def sample_shape(model: nn.Module) -> tuple[int, ...]:
+    """One input sample's shape for a course model: SmallCNN's input_shape, or (1, s, s) for an MLP (Lesson 07, §7)."""
+    if hasattr(model, "input_shape"):
+        return tuple(model.input_shape)
+    features = getattr(model, "in_features", None)
+    side = int(round(features ** 0.5)) if isinstance(features, int) else 0
+    if side * side != features:
+        raise InvalidArgumentError(f"cannot tell the input shape of {type(model).__name__}; pass input_shape=(C, H, W)")
+    return (1, side, side)
+
+
+# -- argument checks ----------------------------------------------------------------------------------------
+
+
+def _check_module(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise InvalidArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def _check_tensor(value, name: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise InvalidArgumentError(f"{name} must be a torch.Tensor batch such as torch.rand(2, 1, 8, 8), "
+                                   f"got {type(value).__name__}")
+    if value.dim() < 1 or value.shape[0] < 1:
+        raise InvalidArgumentError(f"{name} must be a non-empty batch with the batch dimension first, "
+                                   f"got shape {tuple(value.shape)}")
+    return value
+
+
+def _check_onnx_path(path) -> Path:
+    if not isinstance(path, (str, os.PathLike)) or Path(path).suffix != ".onnx":
+        raise InvalidArgumentError(f"path must be a file path ending in .onnx, got {path!r}")
+    return Path(path)
+
+
+def _check_positive_int(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidArgumentError(f"{name} must be a positive int, got {value!r}")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def _to_numpy(images, name: str, error: type[Exception] = InvalidArgumentError) -> np.ndarray:
+    if isinstance(images, torch.Tensor):
+        return images.detach().cpu().numpy()
+    if isinstance(images, np.ndarray):
+        return images
+    raise error(f"{name} must be a torch.Tensor or numpy array, got {type(images).__name__}")

@@ -1,0 +1,220 @@
+"""Lesson 07's claims: export -> check -> run for both models, any batch size, int8, .pt2, a Predictor that refuses bad input."""
+import numpy as np
+import pytest
+import torch
+
+from mvtk import export
+from mvtk.errors import ExportError, InputShapeError, InvalidArgumentError
+from mvtk.models import MLP, SmallCNN
+from mvtk.registry import Registry
+
+SHAPES = {"mlp": (1, 8, 8), "cnn": (1, 16, 16)}
+
+
+def make_model(name):
+    torch.manual_seed(0)
+    return (MLP() if name == "mlp" else SmallCNN()).eval()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Each course model exported once (export takes seconds): name -> (model, path)."""
+    folder = tmp_path_factory.mktemp("onnx")
+    out = {}
+    for name, shape in SHAPES.items():
+        model = make_model(name)
+        out[name] = (model, export.export_onnx(model, torch.rand(2, *shape), folder / f"{name}.onnx"))
+    return out
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_exported_model_passes_the_onnx_checker_and_runs(exported, name):
+    model, path = exported[name]
+    export.check_onnx(path)
+    logits = export.run_onnx(export.load_session(path), torch.rand(3, *SHAPES[name]))
+    assert logits.shape == (3, 10) and logits.dtype == np.float32
+
+
+@pytest.mark.parametrize("batch", [1, 7, 256])
+@pytest.mark.parametrize("name", SHAPES)
+def test_onnx_agrees_with_pytorch_at_any_batch_size(exported, name, batch):
+    model, path = exported[name]
+    parity = export.check_parity(model, export.load_session(path), torch.rand(batch, *SHAPES[name]))
+    assert parity.samples == batch and parity.agreement == 1.0
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_graph_has_a_named_dynamic_batch_dimension(exported, name):
+    summary = export.describe_onnx(exported[name][1])
+    assert summary.inputs == [("images", ("batch", *SHAPES[name]), "float32")]
+    assert summary.outputs == [("logits", ("batch", 10), "float32")]
+
+
+def test_summary_lists_opset_operators_and_weights(exported):
+    summary = export.describe_onnx(exported["cnn"][1])
+    assert summary.opset >= 18
+    assert summary.operators["Conv"] == 2 and summary.operators["Gemm"] == 2
+    weights = sum(p.numel() for p in exported["cnn"][0].parameters())
+    assert 0 <= summary.parameters - weights <= 8  # plus a constant or two, such as Reshape's target shape
+
+
+def test_single_file_layout_holds_the_weights_in_the_onnx_file(exported):
+    summary = export.describe_onnx(exported["cnn"][1])
+    assert list(summary.files) == ["cnn.onnx"] and summary.size_bytes > 4 * summary.parameters
+
+
+def test_external_data_layout_writes_weights_beside_the_graph(tmp_path):
+    model = make_model("cnn")
+    path = export.export_onnx(model, torch.rand(2, *SHAPES["cnn"]), tmp_path / "cnn.onnx", external_data=True)
+    files = export.describe_onnx(path).files
+    assert list(files) == ["cnn.onnx", "cnn.onnx.data"] and files["cnn.onnx.data"] > 4 * 100_000
+    export.check_parity(model, export.load_session(path), torch.rand(4, *SHAPES["cnn"]))
+
+
+def test_export_leaves_the_model_as_it_was(tmp_path):
+    model = make_model("mlp").train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    export.export_onnx(model, torch.rand(1, *SHAPES["mlp"]), tmp_path / "mlp.onnx")
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_export_rejects_an_example_that_is_not_a_tensor(tmp_path):
+    with pytest.raises(InvalidArgumentError, match="example must be a torch.Tensor"):
+        export.export_onnx(make_model("mlp"), np.zeros((2, 1, 8, 8), np.float32), tmp_path / "mlp.onnx")
+
+
+def test_export_rejects_a_path_without_the_onnx_suffix(tmp_path):
+    with pytest.raises(InvalidArgumentError, match="ending in .onnx"):
+        export.export_onnx(make_model("mlp"), torch.rand(2, 1, 8, 8), tmp_path / "mlp.bin")
+
+
+def test_export_failure_names_the_model(tmp_path):
+    with pytest.raises(ExportError, match="could not export MLP"):
+        export.export_onnx(make_model("mlp"), torch.rand(2, 1, 4, 4), tmp_path / "mlp.onnx")
+    assert not (tmp_path / "mlp.onnx").exists()
+
+
+def test_checker_rejects_a_corrupted_file(tmp_path):
+    path = tmp_path / "broken.onnx"
+    path.write_bytes(b"not a protobuf at all")
+    with pytest.raises(ExportError, match="broken.onnx"):
+        export.check_onnx(path)
+
+
+def test_parity_check_fails_for_other_weights(exported):
+    _, path = exported["mlp"]
+    torch.manual_seed(1)
+    with pytest.raises(ExportError, match="disagree"):
+        export.check_parity(MLP().eval(), export.load_session(path), torch.rand(8, *SHAPES["mlp"]))
+
+
+def test_int8_copy_is_smaller_and_still_runs(exported, tmp_path):
+    _, path = exported["cnn"]
+    int8 = export.quantize_onnx(path, tmp_path / "cnn_int8.onnx")
+    assert export.onnx_size(path) / export.onnx_size(int8) > 3.0
+    assert "MatMulInteger" in export.describe_onnx(int8).operators
+    assert export.run_onnx(export.load_session(int8), torch.rand(7, *SHAPES["cnn"])).shape == (7, 10)
+
+
+def test_latency_rows_cover_each_batch_size(exported):
+    model, path = exported["mlp"]
+    rows = export.compare_latency(model, export.load_session(path), SHAPES["mlp"], (1, 4), budget_s=0.01)
+    assert [r.batch for r in rows] == [1, 4] and all(r.eager_s > 0 and r.onnx_s > 0 for r in rows)
+
+
+def test_torch_export_program_round_trips_through_a_pt2_file(tmp_path):
+    model = make_model("cnn")
+    path = export.save_exported(model, torch.rand(1, *SHAPES["cnn"]), tmp_path / "cnn.pt2")
+    images = torch.rand(5, *SHAPES["cnn"])
+    loaded = export.load_exported(path)
+    torch.testing.assert_close(loaded(images), export.predict_logits(model, images))
+
+
+# -- the Predictor ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A registry with one MLP at alias 'production' and a Predictor serving it."""
+    root = tmp_path_factory.mktemp("served")
+    registry = Registry(root / "registry")
+    model = make_model("mlp")
+    mv = registry.register("digits-mlp", model)
+    registry.set_alias("digits-mlp", "production", mv.version)
+    predictor = export.Predictor.from_registry(registry, "digits-mlp", alias="production",
+                                               cache_dir=root / "onnx_cache")
+    return registry, model, predictor, root / "onnx_cache"
+
+
+def test_predictor_returns_labels_and_probabilities_for_a_batch(served):
+    _, model, predictor, _ = served
+    images = torch.rand(6, *SHAPES["mlp"])
+    result = predictor.predict(images)
+    assert result.labels.shape == (6,) and result.probabilities.shape == (6, 10)
+    np.testing.assert_allclose(result.probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    assert (result.labels == export.predict_logits(model, images).argmax(dim=1).numpy()).all()
+
+
+def test_predictor_exports_each_version_once_into_a_cache_named_by_its_sha256(served, monkeypatch):
+    registry, _, predictor, cache = served
+    sha = registry.get("digits-mlp", alias="production").sha256
+    assert predictor.path == cache / f"digits-mlp-v1-{sha[:16]}.onnx"
+    monkeypatch.setattr(export, "export_onnx", lambda *a, **k: pytest.fail("exported again"))
+    again = export.Predictor.from_registry(registry, "digits-mlp", alias="production", cache_dir=cache)
+    assert again.path == predictor.path
+
+
+def test_predictor_rejects_the_wrong_shape(served):
+    with pytest.raises(InputShapeError, match=r"expects a batch of shape \(N, 1, 8, 8\), got \(2, 1, 16, 16\)"):
+        served[2].predict(torch.rand(2, 1, 16, 16))
+
+
+def test_predictor_rejects_one_image_without_a_batch_dimension(served):
+    with pytest.raises(InputShapeError, match=r"images\[None\]"):
+        served[2].predict(torch.rand(1, 8, 8))
+
+
+def test_predictor_rejects_the_wrong_dtype(served):
+    with pytest.raises(InputShapeError, match="expects float32 images, got float64"):
+        served[2].predict(np.random.rand(2, 1, 8, 8))
+
+
+def test_predictor_rejects_nan_input(served):
+    images = torch.rand(3, *SHAPES["mlp"])
+    images[1, 0, 2, 2] = float("nan")
+    with pytest.raises(InputShapeError, match="1 NaN/inf value.*first in image 1"):
+        served[2].predict(images)
+
+
+def test_predictor_rejects_values_outside_the_training_range(served):
+    with pytest.raises(InputShapeError, match=r"pixel values in \[0, 1\]"):
+        served[2].predict(torch.rand(2, *SHAPES["mlp"]) * 16)
+
+
+def test_predictor_rejects_an_empty_batch(served):
+    with pytest.raises(InputShapeError, match="empty batch"):
+        served[2].predict(torch.rand(0, *SHAPES["mlp"]))
+
+
+def test_predictor_rejects_a_list(served):
+    with pytest.raises(InputShapeError, match="torch.Tensor or numpy array, got list"):
+        served[2].predict([[0.0] * 64])
+
+
+def test_predictor_serves_the_version_the_alias_points_to(tmp_path):
+    registry = Registry(tmp_path / "registry")
+    old, new = make_model("mlp"), MLP().eval()
+    registry.register("digits-mlp", old)
+    v2 = registry.register("digits-mlp", new)
+    registry.set_alias("digits-mlp", "production", v2.version)
+    predictor = export.Predictor.from_registry(registry, "digits-mlp", cache_dir=tmp_path / "cache")
+    images = torch.rand(5, *SHAPES["mlp"])
+    assert predictor.source == "digits-mlp v2" and v2.sha256[:16] in predictor.path.name
+    assert (predictor.predict(images).labels == export.predict_logits(new, images).argmax(dim=1).numpy()).all()
+
+
+def test_latency_helper_times_each_function_and_rejects_non_callables():
+    assert len(export.median_latencies([lambda: None, lambda: None], repeats=3, warmup=1)) == 2
+    with pytest.raises(InvalidArgumentError, match="callables"):
+        export.median_latencies([42])
