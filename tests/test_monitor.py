@@ -1,0 +1,384 @@
+"""Lesson 08's claims about mvtk.monitor: logs that weight by batch size, TensorBoard files that read back,
+health signals, a profiler summary, readable evaluation, and a drift monitor that alarms only on drift."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.tensorboard import SummaryWriter
+
+from mvtk import monitor
+from mvtk.data import load_dataset
+from mvtk.errors import InvalidArgumentError, MonitorError
+from mvtk.models import MLP, MLPv2
+from mvtk.train import History, fit
+
+
+@pytest.fixture
+def data():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(100, 1, 8, 8, generator=generator)
+    labels = torch.randint(0, 10, (100,), generator=generator)
+    return images, labels
+
+
+@pytest.fixture
+def loader(data):
+    return DataLoader(TensorDataset(*data), batch_size=32)  # batches of 32, 32, 32 and 4
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return MLP(hidden=16)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return {split: load_dataset(split=split).images for split in ("train", "test")}
+
+
+@pytest.fixture
+def trained(model, loader, tmp_path):
+    with SummaryWriter(tmp_path / "tb") as writer:
+        watcher = monitor.TrainingMonitor(model, writer, histograms_every=2)
+        history = fit(model, loader, loader, epochs=2, on_epoch_end=watcher, progress=False)
+    return history, watcher, tmp_path / "tb"
+
+
+# §1 the logger
+
+def test_epoch_mean_is_weighted_by_batch_size():
+    logger = monitor.MetricLogger()
+    logger.update(3, loss=torch.tensor(1.0))
+    logger.update(1, loss=5.0)
+    assert logger.end_epoch() == {"loss": pytest.approx(2.0)}  # (3*1 + 1*5) / 4, not (1 + 5) / 2
+
+
+def test_logger_keeps_every_batch_value_and_one_mean_per_epoch():
+    logger = monitor.MetricLogger()
+    for epoch in range(2):
+        for value in (1.0, 2.0, 3.0):
+            logger.update(2, loss=torch.tensor(value + epoch), acc=0.5)
+        logger.end_epoch()
+    assert logger.batches["loss"] == [1.0, 2.0, 3.0, 2.0, 3.0, 4.0]
+    assert logger.epochs == {"loss": [2.0, 3.0], "acc": [0.5, 0.5]}
+
+
+def test_logger_does_not_keep_the_autograd_graph():
+    weight = torch.ones((), requires_grad=True)
+    logger = monitor.MetricLogger()
+    logger.update(1, loss=weight * 2)
+    assert logger.end_epoch()["loss"] == 2.0 and not logger.batches["loss"][0] is weight
+
+
+@pytest.mark.parametrize("call", [
+    lambda log: log.update(0, loss=1.0),
+    lambda log: log.update(4),
+    lambda log: log.update(4, loss=torch.ones(3)),
+    lambda log: log.update(4, loss="low"),
+    lambda log: log.end_epoch(),
+], ids=["zero-batch", "no-values", "vector", "string", "empty-epoch"])
+def test_logger_rejects_bad_input_with_a_monitor_error(call):
+    with pytest.raises(MonitorError):
+        call(monitor.MetricLogger())
+
+
+def test_logger_requires_the_same_names_in_every_batch_of_an_epoch():
+    logger = monitor.MetricLogger()
+    logger.update(2, loss=1.0)
+    with pytest.raises(MonitorError, match="same names"):
+        logger.update(2, acc=1.0)
+
+
+# §2 live view
+
+def test_live_plot_redraws_once_per_epoch_from_fit(model, loader):
+    live = monitor.LivePlot()
+    history = fit(model, loader, loader, epochs=2, on_epoch_end=live, progress=False)
+    assert live.draws == history.epochs == 2
+
+
+def test_live_plot_every_n_epochs_skips_the_others():
+    live = monitor.LivePlot(every=2)
+    history = History(train_loss=[1.0, 0.5], val_loss=[1.0, 0.6], val_acc=[0.1, 0.5], lr=[0.1, 0.1])
+    live(1, history)
+    live(2, history)
+    assert live.draws == 1
+
+
+def test_chain_calls_every_callback_and_stops_if_any_asks():
+    seen = []
+    callback = monitor.chain(lambda e, h: seen.append(("a", e)), lambda e, h: e >= 2)
+    assert callback(1, None) is False and callback(2, None) is True
+    assert seen == [("a", 1), ("a", 2)]
+
+
+def test_plot_history_needs_epochs():
+    with pytest.raises(MonitorError):
+        monitor.plot_history(History())
+
+
+# §3 TensorBoard round trip
+
+def test_training_monitor_scalars_read_back_equal_the_history(trained):
+    history, _, logdir = trained
+    scalars = monitor.read_scalars(logdir)
+    assert [step for step, _ in scalars["loss/val"]] == [1, 2]
+    assert np.allclose([value for _, value in scalars["loss/val"]], history.val_loss, atol=1e-6)
+    assert np.allclose([value for _, value in scalars["accuracy/val"]], history.val_acc, atol=1e-6)
+    assert {"loss/train", "lr", "grad_norm/fc1.weight", "weight_norm/fc2.bias"} <= set(scalars)
+
+
+def test_scalars_written_as_one_event_read_back_tag_by_tag(tmp_path):
+    with SummaryWriter(tmp_path) as writer:
+        monitor.log_scalars(writer, {"a": 1.5, "b/c": torch.tensor(2.0)}, step=3)
+        monitor.log_scalars(writer, {"a": 0.5}, step=4)
+    assert monitor.read_scalars(tmp_path) == {"a": [(3, 1.5), (4, 0.5)], "b/c": [(3, 2.0)]}
+
+
+def test_histograms_of_weights_and_gradients_are_written_every_n_epochs(trained):
+    _, _, logdir = trained
+    events = monitor.read_events(logdir)
+    assert {"weights/fc1.weight", "gradients/fc1.weight"} <= set(events.Tags()["histograms"])
+    assert [e.step for e in events.Histograms("weights/fc1.weight")] == [2]
+
+
+def test_graph_and_hparams_read_back(model, tmp_path):
+    with SummaryWriter(tmp_path) as writer:
+        monitor.log_graph(writer, model, torch.zeros(2, 1, 8, 8))
+        monitor.log_hparams(writer, {"lr": 0.01, "optimizer": "adam"}, {"hparam/val_acc": 0.9})
+    assert monitor.read_events(tmp_path).Tags()["graph"]
+    stored = monitor.read_hparams(tmp_path)
+    assert stored["hparams"] == {"lr": 0.01, "optimizer": "adam"}
+    assert stored["metrics"] == {"hparam/val_acc": pytest.approx(0.9)}
+
+
+def test_log_graph_leaves_the_model_in_training_mode(model, tmp_path):
+    with SummaryWriter(tmp_path) as writer:
+        monitor.log_graph(writer, model, torch.zeros(2, 1, 8, 8))
+    assert model.training
+
+
+def test_reading_a_folder_without_event_files_names_it(tmp_path):
+    with pytest.raises(MonitorError, match="no TensorBoard event files"):
+        monitor.read_scalars(tmp_path)
+
+
+def test_log_hparams_needs_metrics(tmp_path):
+    with SummaryWriter(tmp_path) as writer, pytest.raises(MonitorError):
+        monitor.log_hparams(writer, {"lr": 0.1}, {})
+
+
+# §4 model health
+
+def test_training_monitor_records_norms_and_lr_per_epoch(trained):
+    history, watcher, _ = trained
+    assert [r["epoch"] for r in watcher.records] == [1, 2]
+    assert [r["lr"] for r in watcher.records] == history.lr
+    grads = watcher.series("grad_norm")
+    assert set(grads) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
+    assert all(len(values) == 2 and all(v > 0 for v in values) for values in grads.values())
+
+
+def test_training_monitor_stops_when_the_loss_is_not_finite(model):
+    model(torch.rand(2, 1, 8, 8)).sum().backward()
+    watcher = monitor.TrainingMonitor(model)
+    history = History(train_loss=[float("nan")], val_loss=[1.0], val_acc=[0.1], lr=[0.1])
+    assert watcher(1, history) is True
+
+
+def test_gradient_norms_match_torch_and_need_a_backward_pass(model, data):
+    with pytest.raises(MonitorError, match="backward"):
+        monitor.gradient_norms(model)
+    nn.functional.cross_entropy(model(data[0]), data[1]).backward()
+    norms = monitor.gradient_norms(model)
+    assert norms["fc1.weight"] == pytest.approx(float(model.fc1.weight.grad.norm()))
+    assert monitor.weight_norms(model)["fc2.bias"] == pytest.approx(float(model.fc2.bias.detach().norm()))
+
+
+def test_dead_relu_tracker_counts_units_that_never_fire(model, data):
+    with torch.no_grad():
+        model.fc1.bias[:4] = -1e3  # 4 of 16 hidden units can never be positive
+    with monitor.DeadReLUTracker(model) as dead:
+        model(data[0])
+        assert dead.fractions() == {"act": pytest.approx(4 / 16)}
+    assert not model.act._forward_hooks  # hooks removed on exit
+
+
+def test_dead_relu_tracker_tells_apart_two_calls_of_one_relu_module(data):
+    torch.manual_seed(0)
+    net = MLPv2(hidden=16).eval()  # calls its one `act` module twice: after fc1 (16 units), after fc2 (8)
+    with torch.no_grad():
+        net.fc2.bias[:2], net.fc2.bias[2:] = -1e3, 1e3  # 2 of 8 never fire, 6 always do
+    with monitor.DeadReLUTracker(net) as dead:
+        net(data[0])
+        fractions = dead.fractions()
+    assert set(fractions) == {"act#1", "act#2"} and fractions["act#2"] == pytest.approx(2 / 8)
+
+
+def test_dead_relu_tracker_needs_relu_modules():
+    with pytest.raises(MonitorError, match="no nn.ReLU"):
+        monitor.DeadReLUTracker(nn.Sequential(nn.Linear(2, 2), nn.Sigmoid()))
+
+
+# §5 profiler summary
+
+def test_profiler_summary_lists_the_operators_of_the_profiled_steps(model, data):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step():
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(data[0]), data[1]).backward()
+        optimizer.step()
+
+    prof = monitor.profile_steps(step, steps=2, warmup=1)
+    rows = monitor.top_operators(prof, n=5)
+    assert len(rows) == 5 and all(isinstance(r, monitor.OperatorTime) for r in rows)
+    assert [r.self_ms for r in rows] == sorted((r.self_ms for r in rows), reverse=True)
+    names = {r.name for r in monitor.top_operators(prof, n=1000)}
+    assert {"aten::addmm", "aten::relu"} <= names
+
+
+def test_save_trace_writes_chrome_trace_json(model, data, tmp_path):
+    prof = monitor.profile_steps(lambda: model(data[0]), steps=1, warmup=1)
+    path = monitor.save_trace(prof, tmp_path / "trace.json")
+    assert "traceEvents" in json.loads(path.read_text())
+    assert [p.name for p in tmp_path.iterdir()] == ["trace.json"]  # no temporary file left behind
+
+
+def test_profile_steps_rejects_a_bad_step_count():
+    with pytest.raises(InvalidArgumentError):
+        monitor.profile_steps(lambda: None, steps=0)
+
+
+# §6 evaluation
+
+def test_confusion_matrix_and_per_class_accuracy():
+    matrix = monitor.confusion_matrix([0, 0, 1, 1, 2], [0, 1, 1, 1, 0], num_classes=4)
+    assert matrix.tolist() == [[1, 1, 0, 0], [0, 2, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
+    accuracy = monitor.per_class_accuracy(matrix)
+    assert accuracy[:3].tolist() == [0.5, 1.0, 0.0] and np.isnan(accuracy[3])
+
+
+def test_predict_returns_probabilities_and_restores_the_mode(model, loader):
+    result = monitor.predict(model, loader)
+    assert result.probabilities.shape == (100, 10) and model.training
+    assert torch.allclose(result.probabilities.sum(dim=1), torch.ones(100))
+    assert torch.equal(result.predicted, result.probabilities.argmax(dim=1))
+
+
+def test_confusion_matrix_rejects_mismatched_lengths():
+    with pytest.raises(MonitorError):
+        monitor.confusion_matrix([0, 1], [0], num_classes=2)
+
+
+# §7 production: predictions and drift
+
+def test_prediction_log_records_predictions_and_confidences(tmp_path):
+    log = monitor.PredictionLog(low_confidence=0.5)
+    log.record(np.array([[0.9, 0.1], [0.4, 0.6]]), batch="a")
+    log.observe(lambda x: torch.softmax(x, dim=1), torch.tensor([[0.0, 0.0]]), batch="b")
+    assert log.summary("a") == {"count": 2, "mean_confidence": pytest.approx(0.75),
+                                "low_confidence_share": 0.0, "class_share": [0.5, 0.5]}
+    assert log.summary()["low_confidence_share"] == pytest.approx(0.0)
+    lines = log.save(tmp_path / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["prediction"] for line in lines] == [0, 1, 0]
+
+
+@pytest.mark.parametrize("probabilities", [np.array([[2.0, -1.0]]), np.zeros((0, 2))], ids=["logits", "empty"])
+def test_prediction_log_rejects_logits_and_empty_batches(probabilities):
+    with pytest.raises(MonitorError):
+        monitor.PredictionLog().record(probabilities)
+
+
+def test_drift_monitor_does_not_alarm_on_a_clean_split(digits):
+    report = monitor.DriftMonitor(digits["train"]).check(digits["test"])
+    assert not report.alarm and report.overall < 0.1
+    assert report.psi.shape == report.ks.shape == (64,)
+
+
+def test_drift_monitor_alarms_on_noisy_and_shifted_inputs(digits):
+    drift = monitor.DriftMonitor(digits["train"])
+    noise = torch.randn(digits["test"].shape, generator=torch.Generator().manual_seed(0))
+    assert drift.check((digits["test"] + 0.1 * noise).clamp(0, 1)).alarm
+    assert drift.check(torch.roll(digits["test"], 1, dims=3)).alarm
+
+
+def test_constant_features_score_zero_until_they_move():
+    reference = np.zeros((500, 2))
+    reference[:, 1] = np.linspace(0, 1, 500)
+    live = reference[:200].copy()
+    assert monitor.psi(reference, live)[0] == 0.0
+    live[:, 0] = 0.5
+    assert monitor.psi(reference, live)[0] > 1.0
+
+
+def test_ks_statistic_is_zero_for_the_same_sample_and_one_for_disjoint_ones():
+    values = np.arange(10.0)
+    assert monitor.ks_statistic(values, values).tolist() == [0.0]
+    assert monitor.ks_statistic(values, values + 100).tolist() == [1.0]
+
+
+@pytest.mark.parametrize("live,match", [
+    (torch.rand(150, 1, 16, 16), "256 features per sample, the reference has 64"),
+    (torch.rand(0, 1, 8, 8), "is empty"),
+    (torch.rand(20, 1, 8, 8), "at least 100"),
+    (torch.full((150, 1, 8, 8), float("nan")), "NaN"),
+], ids=["mismatched-features", "empty", "too-small", "nan"])
+def test_drift_monitor_rejects_bad_live_batches(digits, live, match):
+    with pytest.raises(MonitorError, match=match):
+        monitor.DriftMonitor(digits["train"]).check(live)
+
+
+def test_drift_monitor_rejects_an_empty_reference():
+    with pytest.raises(MonitorError, match="reference is empty"):
+        monitor.DriftMonitor(np.zeros((0, 4)))
+
+
+# bad arguments get a clear mvtk error
+
+@pytest.mark.parametrize("call", [
+    lambda: monitor.gradient_norms("model"),
+    lambda: monitor.weight_norms(None),
+    lambda: monitor.DeadReLUTracker([nn.ReLU()]),
+    lambda: monitor.TrainingMonitor({"fc1": 1}),
+    lambda: monitor.predict(object(), []),
+    lambda: monitor.TrainingMonitor(MLP(), histograms_every=-1),
+    lambda: monitor.TrainingMonitor(MLP()).series("loss"),
+    lambda: monitor.LivePlot(every=0),
+    lambda: monitor.chain(lambda e, h: None, "not callable"),
+    lambda: monitor.PredictionLog(low_confidence=1.5),
+    lambda: monitor.PredictionLog().observe("not callable", np.ones((1, 2)) / 2),
+    lambda: monitor.DriftMonitor(np.zeros((200, 2)), bins=1),
+    lambda: monitor.DriftMonitor(np.zeros((200, 2)), threshold=0),
+    lambda: monitor.DriftMonitor(np.zeros((200, 2)), min_samples=0),
+], ids=["gradient_norms", "weight_norms", "dead-relu", "training-monitor", "predict", "histograms_every",
+        "series-kind", "live-every", "chain", "low_confidence", "observe", "bins", "threshold", "min_samples"])
+def test_bad_arguments_raise_invalid_argument_error(call):
+    with pytest.raises(InvalidArgumentError):
+        call()
+
+
+@pytest.mark.parametrize("call", [
+    lambda: monitor.per_class_accuracy(np.ones((2, 3))),
+    lambda: monitor.top_operators(None, sort_by="memory"),
+    lambda: monitor.DriftMonitor(np.zeros((50, 2))),
+    lambda: monitor.psi(np.zeros((200, 3)), np.zeros((10, 2))),
+    lambda: monitor.ks_statistic(np.zeros((5, 3)), np.zeros((5, 2))),
+    lambda: monitor.plot_drift({}),
+    lambda: monitor.as_features("abc"),
+], ids=["non-square-matrix", "sort_by", "small-reference", "psi-features", "ks-features", "no-reports",
+        "not-numbers"])
+def test_bad_monitoring_input_raises_a_clear_error(call):
+    with pytest.raises((MonitorError, InvalidArgumentError)):
+        call()
+
+
+def test_prediction_log_rejects_a_change_in_the_number_of_classes():
+    log = monitor.PredictionLog()
+    log.record(np.array([[0.5, 0.5]]))
+    with pytest.raises(MonitorError, match="3 classes, earlier batches had 2"):
+        log.record(np.ones((1, 3)) / 3)
