@@ -10,6 +10,12 @@ def test_expected_error_is_printed_with_type_and_message(capsys):
     assert capsys.readouterr().out == "KeyError: 'missing'\n"
 
 
+def test_a_multi_line_message_is_printed_whole(capsys):
+    with expect_error(ValueError, match="bad"):
+        raise ValueError("bad value\nsecond line")
+    assert capsys.readouterr().out == "ValueError: bad value\nsecond line\n"
+
+
 def test_no_error_is_itself_an_error():
     with pytest.raises(AssertionError, match="ran without error"):
         with expect_error(ValueError):

@@ -1,5 +1,5 @@
 """Lesson 09's claims: each broken snippet fails with exactly the exception the notebook shows, each silent
-mistake changes a measurement, and each fix works. `expect_error` is the helper every broken cell runs in."""
+mistake changes a measurement, and each fix works. `expect_error` (tested in test_errors.py) is the helper every broken cell runs in."""
 import copy
 import io
 import os
@@ -31,32 +31,6 @@ def mlp():
 def batch():
     torch.manual_seed(0)
     return torch.rand(4, 1, 8, 8), torch.randint(0, 10, (4,))
-
-
-# --- expect_error, the helper every broken cell runs in ----------------------------------------
-
-def test_expect_error_prints_type_and_message(capsys):
-    with expect_error(ValueError, match="bad"):
-        raise ValueError("bad value\nsecond line")
-    assert capsys.readouterr().out == "ValueError: bad value\nsecond line\n"
-
-
-def test_expect_error_fails_when_nothing_is_raised():
-    with pytest.raises(AssertionError, match="ran without error"):
-        with expect_error(ValueError):
-            pass
-
-
-def test_expect_error_lets_a_different_exception_through():
-    with pytest.raises(KeyError):
-        with expect_error(ValueError):
-            raise KeyError("not the expected one")
-
-
-def test_expect_error_fails_when_the_message_does_not_match():
-    with pytest.raises(AssertionError, match="whose message contains"):
-        with expect_error(ValueError, match="expected words"):
-            raise ValueError("other words")
 
 
 # --- §1 saving and loading -----------------------------------------------------------------------
