@@ -6,6 +6,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-from-pyproject
 NOTEBOOKS ?= $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 PYTEST := $(BIN)/python -m pytest
+# Idle OpenMP threads sleep instead of spinning: with more busy processes than cores (pytest -n 2,
+# each kernel on 2 threads) spinning threads made training ~20x slower on the 2-core machine.
+export OMP_WAIT_POLICY ?= PASSIVE
 NBVAL  := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
           --nbval-kernel-startup-timeout 180
 
@@ -27,6 +30,9 @@ unit: $(STAMP)  ## the unit tests only (fast)
 
 nbval: $(STAMP)  ## the notebooks under nbval only; NOTEBOOKS=notebooks/03_save_load.ipynb for one
 	$(PYTEST) -n 2 --dist loadscope $(NBVAL) $(NOTEBOOKS)
+
+e2e: $(STAMP)  ## browser tests only: every notebook run in JupyterLab in headless Chromium, and `make lab`
+	$(PYTEST) tests/e2e
 
 notebooks: $(STAMP)  ## re-execute notebooks in place, fresh kernel, on the CPU
 	MVTK_DEVICE=cpu CUDA_VISIBLE_DEVICES= $(BIN)/jupyter nbconvert --to notebook --execute --inplace \

@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from mvtk.data import make_loaders
-from mvtk.errors import InputShapeError, expect_error
+from mvtk.errors import InputShapeError
 from mvtk.models import MLP, MLPv2, SmallCNN
 
 
