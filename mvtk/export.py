@@ -33,6 +33,7 @@ OUTPUT_NAME = "logits"
 BATCH_DIM = "batch"      # the name of the dynamic batch dimension inside the ONNX graph
 PARITY_RTOL, PARITY_ATOL = 1e-3, 1e-5  # ONNX Runtime vs PyTorch, float32 on the CPU
 INT8_OP_TYPES = ("MatMul", "Gemm")     # quantize the linear layers; ConvInteger is slow on ORT's CPU
+SOURCE_TRACE_KEY = "pkg.torch.onnx.stack_trace"  # node metadata holding the exporting machine's file paths
 
 
 # -- §1 preparing for inference ---------------------------------------------------------------------------
@@ -68,14 +69,32 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
     `dynamic_batch` the graph accepts any batch size. `external_data=True` writes the weights to
     `<path>.data` beside the graph (torch's default layout, needed above 2 GB); False writes one
     self-contained file. Files are written atomically and the result passes `onnx.checker`.
+    The exporter's per-node Python stack traces are dropped: they hold absolute paths of the
+    exporting machine, so without them the same model gives the same bytes wherever it is exported.
     """
     _check_module(model)
     example = _check_tensor(example, "example")
     path = _check_onnx_path(path)
     program = _to_onnx_program(model, example, dynamic_batch, opset)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _save_checked(program.model_proto, path, external_data)
+    _save_checked(drop_source_traces(program.model_proto), path, external_data)
     return path
+
+
+def drop_source_traces(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Remove the exporter's stack-trace metadata (absolute source paths) from every node, in place (Lesson 07, §2)."""
+    nodes = [node for function in proto.functions for node in function.node]
+    graphs = [proto.graph]
+    while graphs:  # the main graph and the bodies of If/Loop/Scan nodes
+        graph = graphs.pop()
+        nodes.extend(graph.node)
+        for attr in (attr for node in graph.node for attr in node.attribute):
+            graphs.extend([attr.g] if attr.HasField("g") else attr.graphs)
+    for node in nodes:
+        kept = [prop for prop in node.metadata_props if prop.key != SOURCE_TRACE_KEY]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
+    return proto
 
 
 def _to_onnx_program(model: nn.Module, example: torch.Tensor, dynamic_batch: bool, opset: int | None):

@@ -1,5 +1,9 @@
 """Lesson 07's claims: export -> check -> run for both models, any batch size, int8, .pt2, a Predictor that refuses bad input."""
+import copy
+from pathlib import Path
+
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -69,6 +73,28 @@ def test_external_data_layout_writes_weights_beside_the_graph(tmp_path):
     files = export.describe_onnx(path).files
     assert list(files) == ["cnn.onnx", "cnn.onnx.data"] and files["cnn.onnx.data"] > 4 * 100_000
     export.check_parity(model, export.load_session(path), torch.rand(4, *SHAPES["cnn"]))
+
+
+def test_export_is_byte_identical_wherever_it_runs_and_holds_no_source_paths(exported, tmp_path):
+    again = export.export_onnx(make_model("mlp"), torch.rand(2, *SHAPES["mlp"]), tmp_path / "elsewhere" / "m.onnx")
+    data = again.read_bytes()
+    assert data == exported["mlp"][1].read_bytes()
+    for source_dir in (Path(export.__file__).parent, Path(torch.__file__).parent):
+        assert str(source_dir).encode() not in data
+    assert export.SOURCE_TRACE_KEY.encode() not in data
+
+
+def test_dropping_source_traces_reaches_functions_and_subgraphs():
+    traced = onnx.helper.make_node("Relu", ["x"], ["y"])
+    onnx.helper.set_metadata_props(traced, {export.SOURCE_TRACE_KEY: "/home/me/model.py", "namespace": "keep"})
+    body = onnx.helper.make_graph([copy.deepcopy(traced)], "body", [], [])
+    branch = onnx.helper.make_node("If", ["c"], ["z"], then_branch=body, else_branch=body)
+    function = onnx.helper.make_function("local", "f", ["x"], ["y"], [copy.deepcopy(traced)], [])
+    graph = onnx.helper.make_graph([copy.deepcopy(traced), branch], "main", [], [])
+    proto = export.drop_source_traces(onnx.helper.make_model(graph, functions=[function]))
+    nodes = [proto.graph.node[0], proto.functions[0].node[0],
+             proto.graph.node[1].attribute[0].g.node[0], proto.graph.node[1].attribute[1].g.node[0]]
+    assert all([(p.key, p.value) for p in node.metadata_props] == [("namespace", "keep")] for node in nodes)
 
 
 def test_export_leaves_the_model_as_it_was(tmp_path):
