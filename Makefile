@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-from-pyproject
+LAB_ARGS ?=  # extra options for `jupyter lab`, e.g. LAB_ARGS=--allow-root in a container run as root
 NOTEBOOKS ?= $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 PYTEST := $(BIN)/python -m pytest
 # Idle OpenMP threads sleep instead of spinning: with more busy processes than cores (pytest -n 2,
@@ -20,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lab: $(STAMP)  ## open JupyterLab on the course
-	$(BIN)/jupyter lab --notebook-dir=notebooks
+	$(BIN)/jupyter lab --notebook-dir=notebooks $(LAB_ARGS)
 
 test: $(STAMP)  ## unit tests, lint/recipe/student tests, every notebook under nbval, browser tests
 	$(PYTEST) -n 2 --dist loadscope $(NBVAL) tests notebooks

@@ -1,5 +1,6 @@
 """The project's set-up stays consistent: pyproject, environment.yml, Makefile, CI, README."""
 import re
+import subprocess
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -43,3 +44,10 @@ def test_readme_learning_path_lists_every_notebook():
     readme = (ROOT / "README.md").read_text()
     for path in NOTEBOOKS:
         assert path.name in readme, f"README's learning path does not list {path.name}"
+
+
+def test_make_lab_passes_lab_args_to_jupyter():
+    dry_run = subprocess.run(["make", "--dry-run", "--always-make", "lab", "LAB_ARGS=--allow-root --port=8899"],
+                             cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    lab_line = next(line for line in dry_run.splitlines() if "jupyter lab" in line)
+    assert lab_line.endswith("--notebook-dir=notebooks --allow-root --port=8899")
