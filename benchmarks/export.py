@@ -4,7 +4,7 @@ One run trains the course's MLP and SmallCNN, exports both, and prints two table
 side by side: eager PyTorch vs ONNX Runtime (fp32) at batch 1 and 256, and ONNX Runtime int8
 (`quantize_dynamic` on MatMul/Gemm) vs fp32: file size, test accuracy, latency. Both engines use
 2 threads; each latency is the median of REPEATS calls, timed in 3 alternating blocks per engine, each
-block after WARMUP untimed calls (mvtk.export.median_latencies).
+block after WARMUP untimed calls (mvtk.timing.median_latencies).
 Exits 1 if the target is missed. Run: `.venv/bin/python benchmarks/export.py`.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ from mvtk import export
 from mvtk.data import make_loaders
 from mvtk.env import seed_everything
 from mvtk.models import MLP, SmallCNN
+from mvtk.timing import median_latencies
 from mvtk.train import fit
 
 THREADS = 2
@@ -55,7 +56,7 @@ def timed(model, sessions: dict, batch: int, sample_shape) -> dict[str, float]:
             model(images)
 
     runners = {"eager": eager} | {label: (lambda s=s: export.run_onnx(s, array)) for label, s in sessions.items()}
-    times = export.median_latencies(list(runners.values()), repeats=REPEATS[batch], warmup=WARMUP)
+    times = median_latencies(list(runners.values()), repeats=REPEATS[batch], warmup=WARMUP)
     return dict(zip(runners, times))
 
 

@@ -20,7 +20,6 @@ import pickle
 import random
 import re
 import subprocess
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
@@ -32,6 +31,7 @@ from mvtk.checkpoint_crypto import (ENCRYPTED_MAGIC, KEY_ENV_VAR, NONCE_BYTES, _
                                     decrypt_bytes, encrypt_bytes, load_key, new_key)
 from mvtk.errors import (ArchitectureMismatchError, CheckpointError, DecryptionError, IntegrityError,
                          InvalidArgumentError)
+from mvtk.env import utc_now
 from mvtk.files import atomic_write, sha256_bytes
 from mvtk.train import History
 # KEY_ENV_VAR, NONCE_BYTES, _check_key, load_key, new_key: imported to be re-exported, as MOVED is by __getattr__.
@@ -98,7 +98,7 @@ def checkpoint_payload(model: nn.Module, optimizer=None, scheduler=None, *, epoc
         "epoch": epoch, "step": step, "history": _history_dict(history),
         "metrics": _plain_dict(metrics, "metrics"), "extra": _plain_dict(extra, "extra"),
         "model_class": type(model).__name__, "torch_version": str(torch.__version__),
-        "created": _now(), "git_commit": git_commit(),
+        "created": utc_now(), "git_commit": git_commit(),
     }
     check_plain(payload, "checkpoint")
     return payload
@@ -328,10 +328,6 @@ def _plain_dict(value, label: str) -> dict:
     if not isinstance(value, dict):
         raise InvalidArgumentError(f"{label} must be a dict or None, got {type(value).__name__}")
     return dict(value)
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _unpickler_reason(exc: BaseException) -> str:

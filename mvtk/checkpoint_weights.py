@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from mvtk import checkpoint  # public helpers called through the module, so a monkeypatch of mvtk.checkpoint.X applies
-from mvtk.checkpoint import _first_line, _now, _plain_dict, _writing
+from mvtk.checkpoint import _first_line, _plain_dict, _writing
+from mvtk.env import utc_now
 from mvtk.errors import CheckpointError, InvalidArgumentError
 
 
@@ -25,7 +26,7 @@ def save_weights(path: str | os.PathLike, model: nn.Module, metadata: dict[str, 
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
         raise InvalidArgumentError(f"safetensors metadata must map str to str, got {extra!r}")
     meta = {"format": "mvtk-weights", "model_class": type(model).__name__, "torch_version": str(torch.__version__),
-            "created": _now()}
+            "created": utc_now()}
     commit = checkpoint.git_commit()
     if commit:
         meta["git_commit"] = commit

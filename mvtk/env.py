@@ -9,6 +9,7 @@ import os
 import platform
 import random
 import shutil
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -122,3 +123,8 @@ def run_dir(lesson: str, root: str | os.PathLike = "runs", fresh: bool = True) -
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def utc_now() -> str:
+    """The current time as ISO 8601 in UTC, to the second: what checkpoints and the registry record."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -65,6 +65,12 @@ class MonitorError(MvtkError, ValueError):
     """Monitoring input is unusable: empty batches, mismatched feature counts (Lesson 08)."""
 
 
+def check_positive_int(value, name: str, error: type[MvtkError] = InvalidArgumentError) -> None:
+    """Raise `error` naming `name` unless `value` is an int >= 1 (bool is refused); used by every module."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise error(f"{name} must be a positive int, got {value!r}")
+
+
 @contextlib.contextmanager
 def expect_error(expected: type[BaseException] | tuple[type[BaseException], ...] = Exception,
                  match: str | None = None) -> Iterator[None]:

@@ -10,9 +10,7 @@ from __future__ import annotations
 import copy
 import io
 import os
-import statistics
 import tempfile
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +23,9 @@ import torch
 from torch import nn
 
 from mvtk.env import DEFAULT_THREADS
-from mvtk.errors import ExportError, InputShapeError, InvalidArgumentError
+from mvtk.errors import ExportError, InputShapeError, InvalidArgumentError, check_positive_int
 from mvtk.files import atomic_write, write_bytes_atomic
+from mvtk.timing import median_latencies, median_latency  # noqa: F401  (export.median_latency: Lesson 07 §1)
 
 INPUT_NAME = "images"    # the graph's input and output names, as a deployment reads them
 OUTPUT_NAME = "logits"
@@ -46,7 +45,7 @@ def predict_logits(model: nn.Module, images: torch.Tensor, *, batch_size: int = 
     """
     _check_module(model)
     images = _check_tensor(images, "images")
-    _check_positive_int(batch_size, "batch_size")
+    check_positive_int(batch_size, "batch_size")
     device = next(iter(model.parameters()), torch.empty(0)).device  # CPU for parameter-less (e.g. int8) models
     was_training = model.training
     model.eval()
@@ -216,7 +215,7 @@ def _value_info(value: onnx.ValueInfoProto) -> tuple[str, tuple, str]:
 
 def load_session(path: str | os.PathLike, *, threads: int = DEFAULT_THREADS) -> ort.InferenceSession:
     """An ONNX Runtime CPU session for a saved model, using `threads` threads like torch (Lesson 07, §3)."""
-    _check_positive_int(threads, "threads")
+    check_positive_int(threads, "threads")
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"no ONNX file at {str(path)!r}")
@@ -266,45 +265,6 @@ def check_parity(model: nn.Module, session: ort.InferenceSession, images: torch.
 # -- §4 speed ---------------------------------------------------------------------------------------------
 
 
-def median_latency(fn: Callable[[], Any], *, repeats: int | None = None, warmup: int = 2,
-                   budget_s: float = 0.5) -> float:
-    """Median seconds per call of `fn` after `warmup` calls; repeats fit `budget_s` if not given (Lesson 07, §4)."""
-    return median_latencies([fn], repeats=repeats, warmup=warmup, budget_s=budget_s)[0]
-
-
-def median_latencies(fns: Sequence[Callable[[], Any]], *, repeats: int | None = None, warmup: int = 2,
-                     budget_s: float = 0.5, rounds: int = 3) -> list[float]:
-    """Median seconds per call of each function, timed in alternating warmed-up blocks (Lesson 07, §4).
-
-    Each of `rounds` rounds runs every function `warmup` times untimed, then `repeats / rounds` times
-    timed, one function after the other: a change in machine load hits all of them alike, and one
-    runtime's idle threads (ONNX Runtime's and PyTorch's both spin a while after a call) never
-    slow the other's timed calls. Without `repeats`, as many calls as fit `budget_s` (5 to 200 each).
-    """
-    if not fns or not all(callable(fn) for fn in fns):
-        raise InvalidArgumentError(f"fns must be a non-empty list of callables, got {fns!r}")
-    _check_positive_int(warmup, "warmup")
-    _check_positive_int(rounds, "rounds")
-    if repeats is None:
-        first = [_seconds(fn) for fn in fns]
-        repeats = int(min(200, max(5, budget_s / max(sum(first), 1e-6))))
-    _check_positive_int(repeats, "repeats")
-    per_round = -(-repeats // rounds)  # ceiling division
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(rounds):
-        for fn, bucket in zip(fns, times):
-            for _ in range(warmup):
-                fn()
-            bucket.extend(_seconds(fn) for _ in range(per_round))
-    return [statistics.median(bucket) for bucket in times]
-
-
-def _seconds(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 class Latency(NamedTuple):
     """Median seconds per batch for PyTorch eager and ONNX Runtime, both on the CPU (Lesson 07, §4)."""
     batch: int
@@ -328,7 +288,7 @@ def compare_latency(model: nn.Module, session: ort.InferenceSession, input_shape
     eager = copy.deepcopy(model).cpu().eval()
     rows = []
     for batch in batch_sizes:
-        _check_positive_int(batch, "batch size")
+        check_positive_int(batch, "batch size")
         images = torch.rand(batch, *input_shape)
         array = images.numpy()
 
@@ -523,11 +483,6 @@ def _check_onnx_path(path) -> Path:
     if not isinstance(path, (str, os.PathLike)) or Path(path).suffix != ".onnx":
         raise InvalidArgumentError(f"path must be a file path ending in .onnx, got {path!r}")
     return Path(path)
-
-
-def _check_positive_int(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidArgumentError(f"{name} must be a positive int, got {value!r}")
 
 
 def _first_line(exc: BaseException) -> str:

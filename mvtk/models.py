@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from mvtk.errors import InputShapeError, InvalidArgumentError
+from mvtk.errors import InputShapeError, InvalidArgumentError, check_positive_int
 
 NUM_CLASSES = 10
 
@@ -154,5 +154,4 @@ def _check_features(x: torch.Tensor, expected: int, model_name: str) -> None:
 
 def _check_positive(**values) -> None:
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidArgumentError(f"{name} must be a positive int, got {value!r}")
+        check_positive_int(value, name)

@@ -7,7 +7,6 @@ aliases' history. `mvtk.registry.Registry` does all its reading and writing thro
 from __future__ import annotations
 
 import contextlib
-import datetime
 import os
 import re
 import sqlite3
@@ -15,6 +14,7 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
+from mvtk.env import utc_now
 from mvtk.errors import InvalidArgumentError, NotFoundError
 from mvtk.registry_diff import alias_cell, ranges
 
@@ -232,8 +232,3 @@ def check_version_number(version, what: str) -> None:
     """Raise InvalidArgumentError unless `version` is an int >= 1 (Lesson 04, §2)."""
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise InvalidArgumentError(f"{what} must be a version number (an int >= 1), got {version!r}")
-
-
-def utc_now() -> str:
-    """The current time as ISO 8601 in UTC, to the second, as the index records it (Lesson 04, §2)."""
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -20,7 +20,8 @@ from mvtk.errors import InvalidArgumentError
 from mvtk.files import sha256_bytes
 from mvtk.models import MLP, MODELS, MLPv2, SmallCNN, build_model
 from mvtk.registry_diff import architecture_label
-from mvtk.registry_index import check_name, check_version_number, utc_now
+from mvtk.env import utc_now
+from mvtk.registry_index import check_name, check_version_number
 
 
 def version_row(name: str, model_or_state_dict, *, architecture: dict | None, metrics: dict | None,

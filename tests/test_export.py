@@ -238,9 +238,3 @@ def test_predictor_serves_the_version_the_alias_points_to(tmp_path):
     images = torch.rand(5, *SHAPES["mlp"])
     assert predictor.source == "digits-mlp v2" and v2.sha256[:16] in predictor.path.name
     assert (predictor.predict(images).labels == export.predict_logits(new, images).argmax(dim=1).numpy()).all()
-
-
-def test_latency_helper_times_each_function_and_rejects_non_callables():
-    assert len(export.median_latencies([lambda: None, lambda: None], repeats=3, warmup=1)) == 2
-    with pytest.raises(InvalidArgumentError, match="callables"):
-        export.median_latencies([42])
