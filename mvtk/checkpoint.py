@@ -5,15 +5,14 @@ Python values, so `torch.load(path, weights_only=True)` opens it. `save_checkpoi
 SHA-256 of those bytes in the zip's comment (the last bytes of the file) and writes atomically;
 `load_checkpoint` verifies the checksum before anything is unpickled, and never unpickles code.
 Periodic saving lives in `mvtk.checkpoint_periodic`, safetensors weights in `mvtk.checkpoint_weights`,
-encryption at rest in `mvtk.checkpoint_crypto`; import everything from here.
+encryption at rest in `mvtk.checkpoint_crypto`; import everything from here (this module re-exports them).
 """
 from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import errno
-import glob
-import importlib
 import io
 import os
 import pickle
@@ -27,14 +26,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from mvtk.checkpoint_crypto import (ENCRYPTED_MAGIC, KEY_ENV_VAR, NONCE_BYTES, _check_key, _parse_encrypted,
-                                    decrypt_bytes, encrypt_bytes, load_key, new_key)
+from mvtk.checkpoint_crypto import (ENCRYPTED_MAGIC, KEY_ENV_VAR, NONCE_BYTES, _decrypt, decrypt_bytes,  # noqa: F401
+                                    encrypt_bytes, load_key, new_key)
 from mvtk.errors import (ArchitectureMismatchError, CheckpointError, DecryptionError, IntegrityError,
                          InvalidArgumentError)
 from mvtk.env import utc_now
 from mvtk.files import atomic_write, sha256_bytes
 from mvtk.train import History
-# KEY_ENV_VAR, NONCE_BYTES, _check_key, load_key, new_key: imported to be re-exported, as MOVED is by __getattr__.
+# KEY_ENV_VAR, NONCE_BYTES, decrypt_bytes, load_key, new_key: imported to be re-exported (the notebook uses them).
 
 FORMAT = "mvtk-checkpoint"         # payload["format"]: tells an mvtk checkpoint from any other torch file
 FORMAT_VERSION = 1
@@ -46,8 +45,7 @@ STATE_KEYS = ("model", "optimizer", "scheduler", "rng")  # what load_checkpoint 
 PLAIN = (str, int, float, bool, bytes, type(None))
 CONTAINERS = (dict, collections.OrderedDict, list, tuple, torch.Size)
 SHOW_KEYS = 8                      # how many keys an architecture-mismatch message lists per kind
-MOVED = {name: "mvtk.checkpoint_periodic" for name in ("ModelCheckpoint", "latest_checkpoint", "LAST_NAME")}
-MOVED.update({name: "mvtk.checkpoint_weights" for name in ("save_weights", "load_weights", "_require_weights_file")})
+TEMP_NAME = re.compile(r"\.(.+)\.[a-z0-9_]+\.tmp")  # atomic_write's temporary file name: (target name)
 
 
 # --- §2: a full training checkpoint ---------------------------------------------------------
@@ -69,7 +67,6 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     parts = _seal_parts(buffer.getbuffer())  # written as they are: no copy of a large model's bytes
     if key is not None:
         parts = (encrypt_bytes(b"".join(parts), key, name if name is not None else type(model).__name__),)
-    remove_stale_temps(path)
     with _writing(path) as tmp:
         with open(tmp, "wb") as handle:
             for part in parts:
@@ -159,37 +156,65 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None, opt
     """Verify a checkpoint and restore it into the objects given; returns its metadata (Lesson 03, §2, §4).
 
     Changes the model's weights, the optimiser's and scheduler's state, and (with `restore_rng`)
-    the global RNGs and `loader_generator`. Nothing is changed if the model does not fit.
+    the global RNGs and `loader_generator`. Every check runs first: if the file is refused, the
+    model does not fit, or a state asked for is missing or does not fit, nothing is changed.
+    With no model (or optimiser, scheduler) given, only the metadata is read.
+
+    `key` is the AES key of an encrypted file (`load_key()`); a key given for a file that is not
+    encrypted is refused (DecryptionError), so a plain file cannot be swapped in for an encrypted
+    one. `name`, if given, must equal the model name the file was encrypted for.
+
+    Returns everything in the checkpoint except the states it restored (model, optimizer,
+    scheduler, rng): format, format_version, epoch, step, history (a dict: `History.from_dict`),
+    metrics, extra, model_class, torch_version, created, git_commit (str, or None outside a git
+    checkout), and for an encrypted file `encrypted_for`, the model name in its header.
     """
+    if model is not None and not isinstance(model, nn.Module):
+        raise InvalidArgumentError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
     payload = read_checkpoint(path, map_location=map_location, key=key, name=name)
     source = str(path)
     if model is not None:
-        if not isinstance(model, nn.Module):
-            raise InvalidArgumentError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
         check_state_dict_fits(model, payload["model"], source)
-    _load_state(optimizer, payload, "optimizer", source)
+    for part, target in (("optimizer", optimizer), ("scheduler", scheduler)):
+        if target is not None and payload[part] is None:
+            raise CheckpointError(f"checkpoint {source!r} holds no {part} state (it was saved without {part}=); "
+                                  f"pass {part}=None")
+    if restore_rng and loader_generator is not None and payload["rng"]["loader"] is None:
+        raise CheckpointError(f"checkpoint {source!r} holds no DataLoader generator state (it was saved without "
+                              "loader_generator=); the shuffle order cannot be restored")
+    # torch's Optimizer.load_state_dict checks that the state fits before it changes anything; a
+    # scheduler's need not, so the scheduler goes first and is put back if the optimiser's fails
+    previous = None if scheduler is None else copy.deepcopy(scheduler.state_dict())
     _load_state(scheduler, payload, "scheduler", source)
+    try:
+        _load_state(optimizer, payload, "optimizer", source)
+    except CheckpointError:
+        if scheduler is not None:
+            scheduler.load_state_dict(previous)
+        raise
     if model is not None:
         model.load_state_dict(payload["model"])
     if restore_rng:
-        if loader_generator is not None and payload["rng"]["loader"] is None:
-            raise CheckpointError(f"checkpoint {source!r} holds no DataLoader generator state (it was saved without "
-                                  "loader_generator=); the shuffle order cannot be restored")
         restore_rng_state(payload["rng"], loader_generator)
     return {k: v for k, v in payload.items() if k not in STATE_KEYS}
 
 
 def read_checkpoint(path: str | os.PathLike, *, map_location="cpu", key: bytes | None = None,
                     name: str | None = None) -> dict:
-    """The whole verified payload of a checkpoint (states and metadata), loaded safely (Lesson 03, §6)."""
+    """The whole verified payload of a checkpoint (states and metadata), loaded safely (Lesson 03, §6).
+
+    `key` and `name` as for load_checkpoint: with a key, the file must be encrypted.
+    """
     source = str(path)
     data = _read_file(path, "checkpoint")
     encrypted_for = None
     if data.startswith(ENCRYPTED_MAGIC):
         if key is None:
             raise DecryptionError(f"checkpoint {source!r} is encrypted: pass key= (mvtk.checkpoint.load_key())")
-        encrypted_for = _parse_encrypted(data, source)[1]
-        data = decrypt_bytes(data, key, name, source=source)
+        data, encrypted_for = _decrypt(data, key, name, source)
+    elif key is not None:
+        raise DecryptionError(f"checkpoint {source!r} is not encrypted, but a key was given: refusing it (an "
+                              "unencrypted file may have been put in place of an encrypted one)")
     data = unseal(data, source)
     try:
         payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
@@ -200,6 +225,12 @@ def read_checkpoint(path: str | os.PathLike, *, map_location="cpu", key: bytes |
         raise CheckpointError(f"checkpoint {source!r} cannot be read by torch.load: {_first_line(exc)}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{source!r} is a torch file but not an mvtk checkpoint (no format={FORMAT!r} entry)")
+    version = payload.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"checkpoint {source!r} has no valid format_version (found {version!r})")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {source!r} has format version {version}, newer than version "
+                              f"{FORMAT_VERSION} that this mvtk reads: update mvtk to load it")
     if encrypted_for is not None:
         payload["encrypted_for"] = encrypted_for
     return payload
@@ -220,7 +251,10 @@ def _seal_parts(view: memoryview) -> tuple[memoryview, bytes]:
 
 
 def unseal(data: bytes, source: str = "data") -> bytes:
-    """Check the SHA-256 seal() wrote; clear errors for empty, foreign, cut or changed files (Lesson 03, §6)."""
+    """Check the SHA-256 seal() wrote; clear errors for empty, foreign, cut or changed files (Lesson 03, §6).
+
+    Returns `data` itself, unchanged (comment included), when the check passes: torch.load ignores the comment.
+    """
     if not data:
         raise CheckpointError(f"checkpoint {source!r} is empty (0 bytes): the save that wrote it never finished")
     if not data.startswith(ZIP_MAGIC):
@@ -267,11 +301,20 @@ def check_state_dict_fits(model: nn.Module, state: dict, source: str = "state_di
 # --- §1 and §6: files ---------------------------------------------------------------------
 
 def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
-    """Delete the `.<name>.*.tmp` files interrupted writes of `path` left; returns them (Lesson 03, §6)."""
+    """Delete the temporary files interrupted writes of `path` left; returns them (Lesson 03, §6).
+
+    Exactly the names mvtk.files.atomic_write gives `path`'s temporary files, `.<name>.<random>.tmp`:
+    those of `c.pt.enc` are not those of `c.pt`.
+    """
     target = Path(path)
-    if not target.parent.is_dir():
+    return _remove_temps(target.parent, lambda name: name == target.name)
+
+
+def _remove_temps(folder: Path, is_target) -> list[Path]:
+    """Delete the atomic_write temporary files in `folder` of the file names `is_target` accepts."""
+    if not folder.is_dir():
         return []
-    stale = [Path(p) for p in glob.glob(str(target.parent / f".{glob.escape(target.name)}.*.tmp"))]
+    stale = [p for p in folder.iterdir() if (m := TEMP_NAME.fullmatch(p.name)) and is_target(m.group(1))]
     for tmp in stale:
         tmp.unlink(missing_ok=True)
     return stale
@@ -279,16 +322,23 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
 
 @contextlib.contextmanager
 def _writing(path: str | os.PathLike) -> Iterator[Path]:
-    """atomic_write, with a full disk or a read-only folder reported as a CheckpointError."""
+    """atomic_write after removing stale temporary files, with a full disk or a read-only folder reported as a
+    CheckpointError naming the file."""
+    remove_stale_temps(path)
     try:
         with atomic_write(path) as tmp:
             yield tmp
     except OSError as exc:
-        why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
-               errno.EROFS: "the file system is read-only", errno.EACCES: "the folder is not writable",
-               errno.EPERM: "the folder is not writable"}.get(exc.errno, exc.strerror or str(exc))
-        raise CheckpointError(f"cannot write {str(path)!r}: {why} ({errno.errorcode.get(exc.errno, exc.errno)}); "
-                              "the previous file under that name, if any, is unchanged") from exc
+        raise _write_error(path, exc.errno, exc.strerror or str(exc)) from exc
+
+
+def _write_error(path: str | os.PathLike, code: int | None, text: str) -> CheckpointError:
+    """The CheckpointError for an OS error `code` while writing `path` (the previous file is unchanged)."""
+    why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+           errno.EROFS: "the file system is read-only", errno.EACCES: "the folder is not writable",
+           errno.EPERM: "the folder is not writable"}.get(code, text)
+    return CheckpointError(f"cannot write {str(path)!r}: {why} ({errno.errorcode.get(code, code)}); "
+                           "the previous file under that name, if any, is unchanged")
 
 
 def _read_file(path: str | os.PathLike, what: str) -> bytes:
@@ -302,9 +352,6 @@ def _read_file(path: str | os.PathLike, what: str) -> bytes:
 def _load_state(target, payload: dict, part: str, source: str) -> None:
     if target is None:
         return
-    if payload[part] is None:
-        raise CheckpointError(f"checkpoint {source!r} holds no {part} state (it was saved without {part}=); "
-                              f"pass {part}=None")
     try:
         target.load_state_dict(payload[part])
     except (ValueError, KeyError, RuntimeError) as exc:
@@ -355,14 +402,7 @@ def git_commit() -> str | None:
     return commit if re.fullmatch(r"[0-9a-f]{40,64}", commit) else None
 
 
-# --- re-exports: the modules in MOVED import this one, so their names load on first use ----------
-
-def __getattr__(name: str):
-    """`from mvtk.checkpoint import X` for the names that moved out (MOVED), imported when first asked for."""
-    if name not in MOVED:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(MOVED[name]), name)
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *MOVED])
+# --- re-exports: periodic checkpointing and safetensors weights live in their own modules, which use the
+# helpers above; imported last, so whichever module is imported first finds the names it needs defined.
+from mvtk.checkpoint_periodic import LAST_NAME, ModelCheckpoint, latest_checkpoint  # noqa: F401
+from mvtk.checkpoint_weights import load_weights, save_weights  # noqa: F401

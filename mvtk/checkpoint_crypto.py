@@ -68,12 +68,17 @@ def encrypt_bytes(data: bytes, key: bytes, name: str) -> bytes:
 
 def decrypt_bytes(blob: bytes, key: bytes, name: str | None = None, *, source: str = "data") -> bytes:
     """Decrypt encrypt_bytes' output; DecryptionError for a wrong key, another model or tampering (Lesson 03, §7)."""
+    return _decrypt(blob, key, name, source)[0]
+
+
+def _decrypt(blob: bytes, key: bytes, name: str | None, source: str) -> tuple[bytes, str]:
+    """(the decrypted bytes, the model name in the header) of encrypt_bytes' output."""
     _check_key(key, "key")
     header, stored, nonce, ciphertext = _parse_encrypted(blob, source)
     if name is not None and name != stored:
         raise DecryptionError(f"{source!r} is encrypted for model {stored!r}, not {name!r}")
     try:
-        return AESGCM(key).decrypt(nonce, ciphertext, header)
+        return AESGCM(key).decrypt(nonce, ciphertext, header), stored
     except InvalidTag:
         raise DecryptionError(f"cannot decrypt {source!r}: wrong key, or the file was changed after it was "
                               "encrypted (AES-GCM authentication failed)") from None

@@ -6,7 +6,6 @@ under readable names, keeps the last k and best k, and points `last.pt` at the n
 """
 from __future__ import annotations
 
-import glob
 import math
 import os
 import re
@@ -15,9 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mvtk import checkpoint  # public helpers called through the module, so a monkeypatch of mvtk.checkpoint.X applies
-from mvtk.checkpoint import _history_dict
-from mvtk.errors import InvalidArgumentError
+from mvtk.errors import CheckpointError, InvalidArgumentError
 from mvtk.train import History
 
 LAST_NAME = "last.pt"              # ModelCheckpoint's pointer to the newest checkpoint
@@ -29,6 +26,15 @@ class ModelCheckpoint:
     Files are named like `epoch=0004-val_loss=0.1234.pt`; `last.pt` points at the newest. Files of
     an earlier run in `dirpath` (found by name) count towards the last k / best k, so a resumed
     run carries on pruning where the crashed one stopped. Other files are never touched.
+
+    `monitor` is the history key ranked for the best k (None: the newest counts as best), `mode`
+    "min" for a loss or "max" for an accuracy. `save_top_k` best and `keep_last` newest files are
+    kept (a file may be both); -1 keeps every file, 0 none of that kind (with `save_last`, the
+    newest is kept anyway as `last.pt`'s target). `every_n_epochs` saves on epochs that are its
+    multiples. `steps_per_epoch` (usually `len(train_loader)`) gives the step recorded, epoch ×
+    steps_per_epoch; 0 records step 0. `loader_generator`, `extra`, `key` and `name` are passed to
+    save_checkpoint: the DataLoader's generator to restore its shuffle order, plain values to
+    store, and an AES key to encrypt every file for the model `name` (default: its class name).
     """
 
     def __init__(self, dirpath: str | os.PathLike, model: nn.Module, optimizer=None, scheduler=None, *,
@@ -63,8 +69,7 @@ class ModelCheckpoint:
             raise InvalidArgumentError(f"monitor {self.monitor!r} is not in the history; it has {sorted(metrics)}")
         value = metrics.get(self.monitor) if self.monitor else None
         path = self.dirpath / self.filename(epoch, value)
-        for stale in glob.glob(str(self.dirpath / ".epoch=*.pt.*.tmp")):
-            Path(stale).unlink(missing_ok=True)
+        _remove_temps(self.dirpath, self.pattern.fullmatch)  # saves of any epoch a crash interrupted
         checkpoint.save_checkpoint(path, self.model, self.optimizer, self.scheduler, epoch=epoch,
                                    step=epoch * self.steps_per_epoch, history=history,
                                    loader_generator=self.loader_generator, metrics=metrics, extra=self.extra,
@@ -114,14 +119,12 @@ class ModelCheckpoint:
             del self.saved[file_name]
 
     def _point_last(self, target: Path) -> None:
-        link = self.dirpath / LAST_NAME
-        checkpoint.remove_stale_temps(link)
-        tmp = self.dirpath / f".{LAST_NAME}.{os.getpid()}.tmp"
-        try:
-            os.symlink(target.name, tmp)  # relative, so the folder can be moved
-        except (OSError, NotImplementedError):  # no symlinks (Windows without developer mode): a hard link
-            os.link(target, tmp)
-        os.replace(tmp, link)
+        with _writing(self.dirpath / LAST_NAME) as tmp:
+            tmp.unlink()  # the link takes the temporary file's name; atomic_write renames it over last.pt
+            try:
+                os.symlink(target.name, tmp)  # relative, so the folder can be moved
+            except (OSError, NotImplementedError):  # no symlinks (Windows without developer mode): a hard link
+                os.link(target, tmp)
 
     def _scan(self) -> dict[str, tuple[int, float | None]]:
         found = {}
@@ -133,9 +136,21 @@ class ModelCheckpoint:
 
 
 def latest_checkpoint(dirpath: str | os.PathLike) -> Path | None:
-    """`last.pt` in `dirpath`, else its newest `epoch=NNNN*.pt`, else None: where to resume from (Lesson 03, §4)."""
+    """`last.pt` in `dirpath`, else its newest `epoch=NNNN*.pt`, else None: where to resume from (Lesson 03, §4).
+
+    None means a fresh start (the folder has no checkpoint yet); a folder that does not exist is
+    a CheckpointError, since it is more likely a wrong path than a first run.
+    """
     folder = Path(dirpath)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {str(folder)!r} does not exist (or is not a folder)")
     if (folder / LAST_NAME).exists():
         return folder / LAST_NAME
     epochs = [(int(m.group(1)), p) for p in folder.glob("epoch=*.pt") if (m := re.match(r"epoch=(\d+)", p.name))]
     return max(epochs)[1] if epochs else None
+
+
+# Imported last: mvtk.checkpoint imports this module at its end, so either may be imported first.
+# Public helpers are called as checkpoint.X, so a monkeypatch of mvtk.checkpoint.X applies here too.
+from mvtk import checkpoint
+from mvtk.checkpoint import _history_dict, _remove_temps, _writing

@@ -4,7 +4,9 @@
 """
 from __future__ import annotations
 
+import errno
 import os
+import re
 from pathlib import Path
 
 import safetensors
@@ -12,8 +14,6 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from mvtk import checkpoint  # public helpers called through the module, so a monkeypatch of mvtk.checkpoint.X applies
-from mvtk.checkpoint import _first_line, _plain_dict, _writing
 from mvtk.env import utc_now
 from mvtk.errors import CheckpointError, InvalidArgumentError
 
@@ -32,20 +32,26 @@ def save_weights(path: str | os.PathLike, model: nn.Module, metadata: dict[str, 
         meta["git_commit"] = commit
     meta.update(extra)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    checkpoint.remove_stale_temps(path)
     with _writing(path) as tmp:
-        safetensors.torch.save_file(tensors, tmp, metadata=meta)
+        try:
+            safetensors.torch.save_file(tensors, tmp, metadata=meta)
+        except safetensors.SafetensorError as exc:  # safetensors' writer reports a full disk as this, not OSError
+            code = re.search(r"\(os error (\d+)\)", str(exc))
+            raise _write_error(path, int(code.group(1)) if code else errno.EIO, _first_line(exc)) from exc
     return Path(path)
 
 
 def load_weights(path: str | os.PathLike, model: nn.Module | None = None, *, device="cpu") -> dict[str, str]:
     """Load a safetensors file into `model` (checked to fit first); returns its metadata (Lesson 03, §5)."""
     source = str(path)
-    _require_weights_file(path)
+    if not Path(path).is_file():
+        raise CheckpointError(f"weights file {source!r} does not exist (or is not a file)")
+    if Path(path).stat().st_size == 0:
+        raise CheckpointError(f"weights file {source!r} is empty (0 bytes)")
     try:
-        with safetensors.safe_open(source, framework="pt", device="cpu") as handle:
+        with safetensors.safe_open(source, framework="pt", device=str(device)) as handle:
             metadata = dict(handle.metadata() or {})
-        state = safetensors.torch.load_file(source, device=str(device)) if model is not None else None
+            state = {k: handle.get_tensor(k) for k in handle.keys()} if model is not None else None
     except (safetensors.SafetensorError, OSError, RuntimeError) as exc:
         raise CheckpointError(f"{source!r} is not a readable safetensors file: {_first_line(exc)}") from None
     if model is not None:
@@ -54,8 +60,7 @@ def load_weights(path: str | os.PathLike, model: nn.Module | None = None, *, dev
     return metadata
 
 
-def _require_weights_file(path: str | os.PathLike) -> None:
-    if not Path(path).is_file():
-        raise CheckpointError(f"weights file {str(path)!r} does not exist (or is not a file)")
-    if Path(path).stat().st_size == 0:
-        raise CheckpointError(f"weights file {str(path)!r} is empty (0 bytes)")
+# Imported last: mvtk.checkpoint imports this module at its end, so either may be imported first.
+# Public helpers are called as checkpoint.X, so a monkeypatch of mvtk.checkpoint.X applies here too.
+from mvtk import checkpoint
+from mvtk.checkpoint import _first_line, _plain_dict, _write_error, _writing

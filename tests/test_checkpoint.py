@@ -180,6 +180,46 @@ def test_an_optimizer_that_does_not_fit_is_an_error(tmp_path, model):
         load_checkpoint(path, optimizer=wrong)
 
 
+def test_a_refused_load_changes_nothing(tmp_path, model, loaders):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = save_checkpoint(tmp_path / "c.pt", model, opt, torch.optim.lr_scheduler.StepLR(opt, 1), epoch=1)
+    other = MLP(hidden=16)  # other weights than `model`
+    other_opt = torch.optim.SGD(other.parameters(), lr=0.5)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(CheckpointError, match="no DataLoader generator state"):
+        load_checkpoint(path, other, other_opt, loader_generator=loaders.train.generator)
+    with pytest.raises(CheckpointError, match="scheduler state .* does not fit"):
+        load_checkpoint(path, other, other_opt, torch.optim.lr_scheduler.LambdaLR(other_opt, lambda e: 1.0))
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+    assert other_opt.param_groups[0]["lr"] == 0.5
+
+
+def test_an_optimizer_that_does_not_fit_leaves_the_scheduler_as_it_was(tmp_path, model):
+    opt = torch.optim.Adam(model.parameters())
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    opt.step()
+    sched.step()
+    path = save_checkpoint(tmp_path / "c.pt", model, opt, sched, epoch=1)
+    wrong = torch.optim.Adam([nn.Parameter(torch.zeros(2))])
+    fresh = torch.optim.lr_scheduler.StepLR(wrong, 1, gamma=0.5)
+    with pytest.raises(CheckpointError, match="optimizer state .* does not fit"):
+        load_checkpoint(path, optimizer=wrong, scheduler=fresh)
+    assert fresh.last_epoch == 0 and fresh.get_last_lr() == [1e-3]
+
+
+def test_a_newer_format_version_is_refused_naming_both_versions(tmp_path, model):
+    payload = ckpt.checkpoint_payload(model, epoch=1)
+    payload["format_version"] = ckpt.FORMAT_VERSION + 1
+    (tmp_path / "future.pt").write_bytes(ckpt.seal(torch_bytes(payload)))
+    with pytest.raises(CheckpointError, match=rf"future.pt' has format version {ckpt.FORMAT_VERSION + 1}, newer "
+                                              rf"than version {ckpt.FORMAT_VERSION} that this mvtk reads"):
+        load_checkpoint(tmp_path / "future.pt", model)
+    payload["format_version"] = "1"
+    (tmp_path / "odd.pt").write_bytes(ckpt.seal(torch_bytes(payload)))
+    with pytest.raises(CheckpointError, match=r"odd.pt' has no valid format_version \(found '1'\)"):
+        load_checkpoint(tmp_path / "odd.pt", model)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(metrics={"val_loss": np.float64(0.5)}), r"checkpoint\['metrics'\]\['val_loss'\] is a numpy.float64"),
     (dict(extra={"config": History()}), r"checkpoint\['extra'\]\['config'\] is a mvtk.train.History"),
@@ -370,6 +410,15 @@ def test_save_removes_stale_temporary_files(tmp_path, model):
     assert remove_stale_temps(tmp_path / "other.pt") == [unrelated]
 
 
+def test_stale_temps_are_matched_by_exact_name(tmp_path):
+    mine = tmp_path / ".c.pt.k3x_9a1q.tmp"
+    longer_name = tmp_path / ".c.pt.enc.k3x_9a1q.tmp"  # an in-progress write of c.pt.enc, not of c.pt
+    for path in (mine, longer_name):
+        path.write_bytes(b"partial")
+    assert remove_stale_temps(tmp_path / "c.pt") == [mine]
+    assert longer_name.exists()
+
+
 class FullDisk:
     """A file opened for writing on a disk that fills up after `room` bytes."""
 
@@ -397,6 +446,26 @@ def test_a_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(saved, m
     monkeypatch.undo()
     assert load_checkpoint(saved, model)["epoch"] == 3
     assert not list(saved.parent.glob(".*.tmp")), "the partial temporary file was left behind"
+
+
+def test_a_full_disk_while_saving_weights_is_a_clear_error_and_keeps_the_previous_file(tmp_path, model,
+                                                                                       monkeypatch):
+    import safetensors
+    import safetensors.torch
+
+    path = save_weights(tmp_path / "w.safetensors", model)
+    previous = path.read_bytes()
+
+    def full_disk(tensors, filename, metadata=None):  # safetensors reports ENOSPC as a SafetensorError
+        Path(filename).write_bytes(b"\x00" * 100)
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(CheckpointError, match=r"w.safetensors'.*the disk is full \(ENOSPC\); the previous file .* "
+                                              r"is unchanged"):
+        save_weights(path, MLP(hidden=16))
+    monkeypatch.undo()
+    assert path.read_bytes() == previous
+    assert not list(tmp_path.glob(".*.tmp")), "the partial temporary file was left behind"
 
 
 def test_a_disk_that_fills_up_at_fsync_keeps_the_previous_checkpoint(saved, model, monkeypatch):
@@ -521,6 +590,20 @@ def test_latest_checkpoint_without_last_pointer_is_the_newest_epoch(tmp_path, mo
     assert latest_checkpoint(tmp_path).name == "epoch=0002-val_loss=0.5000.pt"
 
 
+def test_latest_checkpoint_of_a_missing_folder_is_an_error(tmp_path):
+    with pytest.raises(CheckpointError, match="checkpoint folder .*no_such_run' does not exist"):
+        latest_checkpoint(tmp_path / "no_such_run")
+
+
+def test_checkpointer_removes_stale_temps_of_its_own_files_only(tmp_path, model):
+    stale = [tmp_path / ".epoch=0007-val_loss=0.1000.pt.abc123.tmp", tmp_path / ".last.pt.abc123.tmp"]
+    foreign = tmp_path / ".notes.txt.abc123.tmp"
+    for path in (*stale, foreign):
+        path.write_bytes(b"partial")
+    run_callback(ModelCheckpoint(tmp_path, model), [0.3])
+    assert not any(path.exists() for path in stale) and foreign.exists()
+
+
 def test_checkpointing_every_epoch_does_not_change_training(tmp_path):
     seed_everything(0, threads=THREADS)
     loaders, plain = make_loaders(batch_size=64), MLPv2(hidden=32)
@@ -640,6 +723,16 @@ def test_an_encrypted_file_without_a_key_says_so(tmp_path, model, key):
     path = save_checkpoint(tmp_path / "c.enc", model, epoch=1, key=key)
     with pytest.raises(DecryptionError, match="is encrypted: pass key="):
         load_checkpoint(path, model)
+
+
+def test_a_plain_file_put_in_place_of_an_encrypted_one_is_refused(tmp_path, model, key):
+    path = save_checkpoint(tmp_path / "c.pt.enc", MLP(hidden=16), epoch=1)  # an attacker's unencrypted file
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(DecryptionError, match=r"c.pt.enc' is not encrypted, but a key was given"):
+        load_checkpoint(path, model, key=key, name="digits-mlp")
+    with pytest.raises(DecryptionError, match="is not encrypted, but a key was given"):
+        read_checkpoint(path, key=key)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_keys_come_from_a_key_file_or_the_environment(tmp_path, monkeypatch):
