@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,12 +28,10 @@ from mvtk.checkpoint import check_state_dict_fits
 from mvtk.errors import IntegrityError, InvalidArgumentError, NotFoundError, RegistryError
 from mvtk.files import sha256_bytes, sha256_file, write_bytes_atomic
 from mvtk.models import build_model
-from mvtk.registry_diff import Table, TensorChange, VersionDiff, cell, compare_states, names_table, versions_table
-from mvtk.registry_index import (ALIAS_PATTERN, BUSY_TIMEOUT_S, NAME_PATTERN, SCHEMA, RegistryIndex, check_alias,
-                                 check_version_number)
-from mvtk.registry_record import git_commit, infer_architecture, version_row
-# TensorChange, git_commit, infer_architecture and the index's constants are imported to be re-exported:
-# `from mvtk.registry import X` keeps working for everything this module held before it was split.
+from mvtk.registry_diff import (Table, VersionDiff, cell, compare_states, history_table, names_table,
+                                versions_table)
+from mvtk.registry_index import RegistryIndex, check_alias, check_version_number
+from mvtk.registry_record import is_sha256, new_version_row
 
 if TYPE_CHECKING:
     from mvtk.data import ImageDataset
@@ -42,7 +39,6 @@ if TYPE_CHECKING:
 INDEX_FILE = "index.sqlite"
 BLOB_DIR = "blobs"
 BLOB_SUFFIX = ".safetensors"
-DEFAULT_ROOT_ENV = "MVTK_REGISTRY"  # the CLI's registry folder when --root is not given
 EXPORT_FORMAT = "mvtk-registry-index/1"
 
 
@@ -152,10 +148,12 @@ class Registry:
         """Store the weights and metadata as the next version of `name` (1, 2, 3, ...) (Lesson 04, §2).
 
         Writes the blob (unless identical weights are already stored) and one index row, in one
-        transaction. `architecture` is inferred for the course's models; `dataset` is stored as
-        its fingerprint; git commit, torch and mvtk versions and the time are recorded for you.
+        transaction. `architecture` is inferred for the course's models; `dataset` (an mvtk
+        ImageDataset, or its fingerprint: a string of 64 lowercase hex digits from
+        mvtk.data.fingerprint) is stored as its fingerprint; git commit, torch and mvtk versions and
+        the time are recorded for you.
         """
-        row, data = version_row(name, model_or_state_dict, architecture=architecture, metrics=metrics,
+        row, data = new_version_row(name, model_or_state_dict, architecture=architecture, metrics=metrics,
                                 params=params, tags=tags, notes=notes, parent=parent, dataset=dataset)
         with self._db.write() as conn:
             if parent is not None:
@@ -173,7 +171,7 @@ class Registry:
 
     def blob_path(self, sha256: str) -> Path:
         """Where the weights with this SHA-256 live: blobs/<2 hex>/<sha256>.safetensors (Lesson 04, §2)."""
-        if not isinstance(sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        if not is_sha256(sha256):
             raise InvalidArgumentError(f"sha256 must be 64 lowercase hex digits, got {sha256!r}")
         return self.root / BLOB_DIR / sha256[:2] / f"{sha256}{BLOB_SUFFIX}"
 
@@ -206,7 +204,8 @@ class Registry:
              device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
         """The state_dict of a version, verified against its SHA-256 first; nothing is unpickled (Lesson 04, §6).
 
-        Raises IntegrityError when the stored bytes changed since registration.
+        Raises IntegrityError when the stored bytes changed since registration, and RegistryError
+        when the blob file is missing.
         """
         return self._weights(self.get(name, version, alias), device)
 
@@ -237,8 +236,7 @@ class Registry:
                                  f"recorded at registration (expected {mv.sha256[:12]}..., got {actual[:12]}...); "
                                  "the file changed after it was registered: restore it or register again")
         tensors = safetensors_load(data)
-        keys = mv.tensor_keys or tuple(tensors)
-        return {key: tensors[key] if device is None else tensors[key].to(device) for key in keys}
+        return {key: tensors[key] if device is None else tensors[key].to(device) for key in mv.tensor_keys}
 
     def lineage(self, name: str, version: int | None = None, alias: str | None = None) -> list[ModelVersion]:
         """The chain of parents ending at this version, oldest first; stops at a deleted parent (Lesson 04, §5)."""
@@ -270,7 +268,7 @@ class Registry:
     def set_alias(self, name: str, alias: str, version: int) -> ModelVersion:
         """Point `name@alias` at `version` (moving it if it pointed elsewhere); the move is logged (Lesson 04, §3)."""
         check_alias(alias)
-        check_version_number(version, "version")
+        check_version_number(version, "version")  # here too: _get would read version=None as "the latest"
         with self._db.write() as conn:
             mv = self._get(conn, name, version, None)
             self._db.move_alias(conn, name, alias, version, "set")
@@ -289,6 +287,10 @@ class Registry:
         with self._db.write() as conn:
             mv = self._get(conn, name, None, alias)
             self._db.remove_alias(conn, name, alias, mv.version)
+
+    def history_table(self, name: str, alias: str | None = None) -> Table:
+        """The alias history as a table: seq, alias, action, from, to, time (Lesson 04, §3)."""
+        return history_table(name, self.alias_history(name, alias), alias)
 
     def alias_history(self, name: str, alias: str | None = None) -> list[AliasEvent]:
         """Every move of `name`'s aliases (or of one alias), oldest first: who was production when (Lesson 04, §3)."""
@@ -312,8 +314,10 @@ class Registry:
             earlier = [v for v in _holders(self._events(conn, name, alias))[:-1]
                        if v != current.version and v in existing]
             if not earlier:
-                raise RegistryError(f"{name}@{alias} has no earlier version to roll back to: it has only pointed at "
-                                    f"v{current.version} since it was last set; use set_alias() to choose one")
+                raise RegistryError(f"nothing left to undo: {name}@{alias} points at v{current.version} and its "
+                                    "history holds no earlier version to go back to (moves already rolled back "
+                                    "are not undone twice, deleted versions are skipped); use set_alias() to "
+                                    "choose one")
             self._db.move_alias(conn, name, alias, earlier[-1], "rollback")
             return self._get(conn, name, earlier[-1], None)
 
@@ -322,9 +326,10 @@ class Registry:
     def delete_version(self, name: str, version: int) -> None:
         """Remove a version from the index, and its blob if no other version uses it (Lesson 04, §2).
 
-        Refused while an alias points to it. Its number is never given out again.
+        Refused while an alias points to it. Its number is never given out again. Then runs gc(), which
+        also removes blobs and temporary files that interrupted writes left behind.
         """
-        check_version_number(version, "version")
+        check_version_number(version, "version")  # here too: _get would read version=None as "the latest"
         with self._db.write() as conn:
             mv = self._get(conn, name, version, None)
             holders = sorted(a for a, v in self._db.aliases(conn, name).items() if v == version)
@@ -412,7 +417,6 @@ def _version_dict(mv: ModelVersion) -> dict:
 
 def _event_dict(event: AliasEvent) -> dict:
     return {key: getattr(event, key) for key in AliasEvent.__dataclass_fields__ if key != "name"}
-
 
 
 def _holders(events: list[AliasEvent]) -> list[int]:

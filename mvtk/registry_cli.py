@@ -1,7 +1,9 @@
 """The registry's command line, `python -m mvtk.registry`: list, show, diff, alias, promote, rollback (Lesson 04, §7).
 
 Also export and check. Every command opens an existing registry (`--root`, default $MVTK_REGISTRY
-or ./registry), prints plain text and exits 0, or prints `error: Type: message` and exits 1.
+or ./registry), prints plain text and exits 0, or prints `error: Type: message` and exits 1;
+`check` also exits 1 when a blob is missing or corrupt. A usage error (an unknown command, a missing or
+malformed argument) is argparse's: it prints the usage and exits 2.
 """
 from __future__ import annotations
 
@@ -10,8 +12,10 @@ import os
 import sys
 
 from mvtk.errors import MvtkError
-from mvtk.registry import DEFAULT_ROOT_ENV, Registry
-from mvtk.registry_diff import Table, alias_cell, cell
+from mvtk.registry import Registry
+from mvtk.registry_diff import alias_cell
+
+DEFAULT_ROOT_ENV = "MVTK_REGISTRY"  # the registry folder when --root is not given
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,9 +98,7 @@ def _run_alias(registry: Registry, args: argparse.Namespace) -> str:
     if args.version is not None:
         mv = registry.set_alias(args.name, args.alias, args.version)
         return f"{args.name}@{args.alias} -> v{mv.version}"
-    rows = tuple((str(e.seq), e.action, cell(e.previous and f"v{e.previous}"), cell(e.version and f"v{e.version}"),
-                  e.at) for e in registry.alias_history(args.name, args.alias))
-    return str(Table(("seq", "action", "from", "to", "at"), rows, title=f"{args.name}@{args.alias}"))
+    return str(registry.history_table(args.name, args.alias))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """Comparing two registered versions and rendering registry tables as text and HTML (Lesson 04, §4).
 
-`mvtk.registry` re-exports `Table`, `TensorChange` and `VersionDiff`; `Registry.diff` and
-`Registry.table` build them. The small formatting helpers here are shared by the registry's
+`Registry.diff` builds a `VersionDiff`; `Registry.table` and `Registry.history_table` build `Table`s. The small formatting helpers here are shared by the registry's
 messages and its command line.
 """
 from __future__ import annotations
@@ -14,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 
 if TYPE_CHECKING:
-    from mvtk.registry import ModelVersion
+    from mvtk.registry import AliasEvent, ModelVersion
 
 
 @dataclass(frozen=True, repr=False)
@@ -68,6 +67,7 @@ class VersionDiff:
 
     @property
     def architecture_changed(self) -> bool:
+        """True when the two versions recorded different build_model recipes (name or kwargs)."""
         return self.a.architecture != self.b.architecture
 
     @property
@@ -103,6 +103,7 @@ class VersionDiff:
         return [tensors, metrics, params]
 
     def heading(self) -> str:
+        """Two lines: 'name: vA -> vB', then both architectures, or one followed by '(same)'."""
         arch = (f"{architecture_label(self.a.architecture)} -> {architecture_label(self.b.architecture)}"
                 if self.architecture_changed else f"{architecture_label(self.a.architecture)} (same)")
         return f"{self.a.name}: v{self.a.version} -> v{self.b.version}\narchitecture: {arch}"
@@ -133,6 +134,15 @@ def versions_table(name: str, versions: list[ModelVersion], aliases: dict[str, i
                   "" if mv.parent is None else f"v{mv.parent}", ", ".join(sorted(by_version.get(mv.version, []))),
                   mv.sha256[:12], mv.created) for mv in versions)
     return Table(("version", "architecture", "metrics", "parent", "aliases", "sha256", "created"), rows, title=name)
+
+
+def history_table(name: str, events: list[AliasEvent], alias: str | None = None) -> Table:
+    """One row per alias move: seq, alias (unless the events are of one `alias`), action, from, to, time (Lesson 04, §3)."""
+    rows = tuple((str(e.seq),) + (() if alias else (e.alias,))
+                 + (e.action, cell(e.previous and f"v{e.previous}"), cell(e.version and f"v{e.version}"), e.at)
+                 for e in events)
+    columns = ("seq",) + (() if alias else ("alias",)) + ("action", "from", "to", "at")
+    return Table(columns, rows, title=f"{name}@{alias}" if alias else f"{name}: alias history")
 
 
 def compare_states(state_a: Mapping[str, torch.Tensor],

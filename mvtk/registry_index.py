@@ -70,7 +70,7 @@ class RegistryIndex:
     # -- connections and transactions ----------------------------------------------------------------------
 
     def connect(self) -> sqlite3.Connection:
-        """This thread's connection, opened once: reopening (and the checkpoint at each close) costs ~10 ms."""
+        """This thread's connection, opened once: reopening it (and the checkpoint at each close) costs time."""
         conn = getattr(self._local, "conn", None)
         if conn is not None and self._local.pid == os.getpid():
             return conn
@@ -90,27 +90,29 @@ class RegistryIndex:
             conn.close()
         self._local.conn = None
 
-    @contextlib.contextmanager
-    def write(self) -> Iterator[sqlite3.Connection]:
+    def write(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         """One write transaction: other writers wait for it; an error or a crash inside undoes all of it."""
+        return self._transaction("BEGIN IMMEDIATE")
+
+    def read(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """One consistent snapshot for several SELECTs."""
+        return self._transaction("BEGIN")
+
+    @contextlib.contextmanager
+    def _transaction(self, begin: str) -> Iterator[sqlite3.Connection]:
+        # Whatever happens, the cached per-thread connection leaves here outside any transaction.
         conn = self.connect()
-        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(begin)
         try:
             yield conn
         except BaseException:
-            conn.execute("ROLLBACK")
+            _rollback(conn)  # SQLite may have rolled back already (disk full, say): never hide the original error
             raise
-        conn.execute("COMMIT")
-
-    @contextlib.contextmanager
-    def read(self) -> Iterator[sqlite3.Connection]:
-        """One consistent snapshot for several SELECTs."""
-        conn = self.connect()
-        conn.execute("BEGIN")
         try:
-            yield conn
-        finally:
             conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)  # a failed COMMIT (a deferred constraint, a full disk) leaves the transaction open
+            raise
 
     # -- versions ------------------------------------------------------------------------------------------
 
@@ -209,6 +211,13 @@ class RegistryIndex:
     def _log(self, conn, name, alias, action, version, previous) -> None:
         conn.execute("INSERT INTO alias_events (name, alias, action, version, previous, at) VALUES (?, ?, ?, ?, ?, ?)",
                      (name, alias, action, version, previous, utc_now()))
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Roll back if a transaction is still open; a failure here must not replace the error being raised."""
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
 
 
 # -- what the index accepts ----------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """What a registration records: weights, architecture recipe, metrics and where they came from (Lesson 04, §2).
 
-`mvtk.registry.Registry.register` calls `version_row` to check its arguments and turn them into
+`mvtk.registry.Registry.register` calls `new_version_row` to check its arguments and turn them into
 the safetensors bytes for the blob store and one index row; nothing here touches the disk.
 """
 from __future__ import annotations
@@ -16,17 +16,24 @@ from torch import nn
 
 import mvtk
 from mvtk.checkpoint import check_state_dict_fits, git_commit
+from mvtk.env import utc_now
 from mvtk.errors import InvalidArgumentError
 from mvtk.files import sha256_bytes
 from mvtk.models import MLP, MODELS, MLPv2, SmallCNN, build_model
 from mvtk.registry_diff import architecture_label
-from mvtk.env import utc_now
 from mvtk.registry_index import check_name, check_version_number
 
+SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")  # a SHA-256 as hexdigest() writes it: blob names, data fingerprints
 
-def version_row(name: str, model_or_state_dict, *, architecture: dict | None, metrics: dict | None,
-                params: dict | None, tags: dict | None, notes: str, parent: int | None,
-                dataset) -> tuple[dict, bytes]:
+
+def is_sha256(value) -> bool:
+    """True when `value` is a str of 64 lowercase hex digits, as hashlib's hexdigest() writes a SHA-256 (Lesson 04, §2)."""
+    return isinstance(value, str) and SHA256_PATTERN.fullmatch(value) is not None
+
+
+def new_version_row(name: str, model_or_state_dict, *, architecture: dict | None, metrics: dict | None,
+                    params: dict | None, tags: dict | None, notes: str, parent: int | None,
+                    dataset) -> tuple[dict, bytes]:
     """Check a registration's arguments; return its index row (all but the version) and blob bytes (Lesson 04, §2).
 
     The row records the weights' SHA-256, the git commit, torch and mvtk versions, the time and
@@ -119,11 +126,15 @@ def _check_metrics(metrics: dict | None) -> dict[str, float]:
 
 
 def _data_fingerprint(dataset) -> str | None:
-    if dataset is None or (isinstance(dataset, str) and re.fullmatch(r"[0-9a-f]{64}", dataset)):
+    if dataset is None or is_sha256(dataset):
         return dataset
-    from mvtk.data import fingerprint  # here, not at the top: torchvision adds seconds to the CLI's start
+    from mvtk.data import ImageDataset, fingerprint  # here, not at the top: torchvision adds seconds at start
 
-    return fingerprint(dataset)  # raises InvalidArgumentError for anything but an ImageDataset
+    if not isinstance(dataset, ImageDataset):
+        shown = repr(dataset) if isinstance(dataset, str) else type(dataset).__name__
+        raise InvalidArgumentError(f"dataset must be an mvtk ImageDataset or its fingerprint (a str of 64 lowercase "
+                                   f"hex digits, as mvtk.data.fingerprint returns), got {shown}")
+    return fingerprint(dataset)
 
 
 def _to_json(value, what: str) -> str:

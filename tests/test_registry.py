@@ -7,6 +7,7 @@ import os
 import pickle
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -15,9 +16,9 @@ import pytest
 import torch
 from torch import nn
 
-from mvtk.data import load_dataset, fingerprint
-from mvtk.errors import ArchitectureMismatchError, IntegrityError, InvalidArgumentError, NotFoundError, RegistryError
 import mvtk.registry
+from mvtk.data import fingerprint, load_dataset
+from mvtk.errors import ArchitectureMismatchError, IntegrityError, InvalidArgumentError, NotFoundError, RegistryError
 from mvtk.files import atomic_write, sha256_file
 from mvtk.models import MLP, MLPv2, SmallCNN
 from mvtk.registry import Registry, main
@@ -242,8 +243,25 @@ def test_rollback_skips_versions_deleted_since(three_versions):
 
 def test_rollback_without_an_earlier_version_is_refused(three_versions):
     three_versions.set_alias("m", "production", 1)
-    with pytest.raises(RegistryError, match="no earlier version"):
+    with pytest.raises(RegistryError, match="nothing left to undo: m@production points at v1"):
         three_versions.rollback("m", "production")
+
+
+def test_rollback_after_every_move_was_undone_says_nothing_is_left_to_undo(three_versions):
+    three_versions.set_alias("m", "production", 1)
+    three_versions.set_alias("m", "production", 2)
+    three_versions.rollback("m", "production")
+    with pytest.raises(RegistryError, match="nothing left to undo: m@production points at v1.*already rolled back"):
+        three_versions.rollback("m", "production")
+    assert three_versions.get("m@production").version == 1
+
+
+@pytest.mark.parametrize("action", ["set_alias", "delete_version"])
+def test_a_missing_version_number_is_refused_not_read_as_the_latest(three_versions, action):
+    args = ("m", "production", None) if action == "set_alias" else ("m", None)
+    with pytest.raises(InvalidArgumentError, match="version must be a version number"):
+        getattr(three_versions, action)(*args)
+    assert [v.version for v in three_versions.versions("m")] == [1, 2, 3] and three_versions.aliases("m") == {}
 
 
 # -- deleting, integrity, housekeeping ------------------------------------------------------------------------------
@@ -254,6 +272,15 @@ def test_deleting_a_version_an_alias_points_to_is_refused(three_versions):
     with pytest.raises(RegistryError, match="m@production"):
         three_versions.delete_version("m", 2)
     assert [v.version for v in three_versions.versions("m")] == [1, 2, 3]
+
+
+def test_history_table_lists_every_move_with_its_alias(three_versions):
+    three_versions.set_alias("m", "production", 1)
+    three_versions.set_alias("m", "staging", 2)
+    table = three_versions.history_table("m")
+    assert table.columns == ("seq", "alias", "action", "from", "to", "at")
+    assert [row[:5] for row in table.rows] == [("1", "production", "set", "-", "v1"), ("2", "staging", "set", "-", "v2")]
+    assert three_versions.history_table("m", "staging").columns == ("seq", "action", "from", "to", "at")
 
 
 def test_delete_removes_a_blob_only_when_no_version_uses_it(registry):
@@ -404,12 +431,18 @@ def test_something_other_than_weights_is_refused(registry, state, match):
 @pytest.mark.parametrize("kwargs,match", [
     ({"metrics": {"acc": "high"}}, "metric 'acc'"), ({"metrics": {"acc": float("nan")}}, "finite"),
     ({"params": {"fn": print}}, "JSON"), ({"tags": ["a"]}, "tags must be a dict"), ({"notes": 3}, "notes"),
-    ({"dataset": [1, 2]}, "ImageDataset"), ({"parent": 0}, "parent"),
+    ({"dataset": [1, 2]}, "ImageDataset or its fingerprint"), ({"dataset": "abc"}, "64 lowercase hex digits.*'abc'"),
+    ({"parent": 0}, "parent"),
     ({"architecture": {"name": "resnet"}}, "architecture must be"),
     ({"architecture": {"name": "mlp", "kwargs": {"depth": 3}}}, "cannot be built")])
 def test_bad_metadata_is_refused(registry, kwargs, match):
     with pytest.raises(InvalidArgumentError, match=match):
         registry.register("m", small_mlp(), **kwargs)
+
+
+def test_a_fingerprint_string_is_accepted_as_the_dataset(registry):
+    fp = fingerprint(load_dataset("digits", "train"))
+    assert registry.register("m", small_mlp(), dataset=fp).data_fingerprint == fp
 
 
 def test_a_version_and_an_alias_together_are_refused(three_versions):
@@ -426,6 +459,28 @@ def test_a_registry_pickles_as_its_folder_for_worker_processes(three_versions):
 def test_opening_a_folder_without_a_registry_can_be_refused(tmp_path):
     with pytest.raises(RegistryError, match="no registry at"):
         Registry(tmp_path / "nothing", create=False)
+
+
+# -- transactions -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["write", "read"])
+def test_an_error_after_sqlite_rolled_back_itself_is_not_hidden(registry, kind):
+    with pytest.raises(ValueError, match="the original error"), getattr(registry._db, kind)() as conn:
+        conn.execute("ROLLBACK")  # as SQLite does by itself on some errors (a full disk, say)
+        raise ValueError("the original error")
+    assert not registry._db.connect().in_transaction
+    assert registry.register("m", small_mlp()).version == 1
+
+
+def test_a_failed_commit_is_rolled_back_and_the_next_write_works(registry):
+    registry.register("m", small_mlp(0))
+    with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"), registry._db.write() as conn:
+        conn.execute("PRAGMA defer_foreign_keys = ON")  # the broken reference fails at COMMIT, not here
+        conn.execute("INSERT INTO aliases (name, alias, version) VALUES ('m', 'production', 99)")
+    assert not registry._db.connect().in_transaction
+    assert registry.aliases("m") == {}
+    assert registry.register("m", small_mlp(1)).version == 2
 
 
 # -- the command line -----------------------------------------------------------------------------------------
@@ -458,6 +513,33 @@ def test_cli_sets_lists_and_rolls_back_aliases(three_versions, capsys):
     assert cli(capsys, three_versions, "rollback", "m", "production")[1].strip() == "m@production -> v1"
     history = cli(capsys, three_versions, "alias", "m", "production")[1]
     assert [line.split()[1] for line in history.splitlines()[2:]] == ["set", "set", "rollback"]
+
+
+def test_cli_shows_a_version_by_number(three_versions, capsys):
+    code, out, _ = cli(capsys, three_versions, "show", "m", "--version", "2")
+    assert code == 0 and out.startswith("m v2")
+
+
+def test_cli_promotes_staging_to_production(three_versions, capsys):
+    three_versions.set_alias("m", "staging", 3)
+    code, out, _ = cli(capsys, three_versions, "promote", "m")
+    assert code == 0 and out.strip() == "m@production -> v3"
+    assert three_versions.aliases("m") == {"production": 3, "staging": 3}
+    code, out, _ = cli(capsys, three_versions, "promote", "m", "--source", "production", "--target", "canary")
+    assert code == 0 and three_versions.aliases("m")["canary"] == 3
+
+
+def test_cli_removes_an_alias(three_versions, capsys):
+    three_versions.set_alias("m", "production", 2)
+    code, out, _ = cli(capsys, three_versions, "alias", "m", "production", "--remove")
+    assert code == 0 and out.strip() == "removed m@production"
+    assert three_versions.aliases("m") == {} and len(three_versions.versions("m")) == 3
+
+
+def test_cli_uses_the_registry_named_by_the_environment(three_versions, capsys, monkeypatch):
+    monkeypatch.setenv("MVTK_REGISTRY", str(three_versions.root))
+    assert main(["list", "m"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:]] == ["v1", "v2", "v3"]
 
 
 def test_cli_diffs_two_versions(three_versions, capsys):
