@@ -39,9 +39,10 @@ def samples_per_second(nproc: int, device: str, threads: int, args, workdir: Pat
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=4, help="epochs per run; the first is a warm-up (default 4)")
+    parser.add_argument("--epochs", type=_at_least(2, " (the first epoch is an untimed warm-up)"), default=4,
+                        help="epochs per run, at least 2: the first is a warm-up, the rest are timed (default 4)")
     parser.add_argument("--model", default="cnn", help="course model (default cnn)")
-    parser.add_argument("--batch-size", type=int, default=64, help="global batch size (default 64)")
+    parser.add_argument("--batch-size", type=_at_least(1), default=64, help="global batch size (default 64)")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     baseline_name, ddp_name = "1 CPU process", "2 CPU processes, DDP (gloo)"
@@ -77,6 +78,19 @@ def main() -> int:
     met = cpu_ratio >= CPU_FLOOR
     print(f"target: 2 CPU processes keep >= {CPU_FLOOR:.2f}x of 1 process's throughput: {'met' if met else 'MISSED'}")
     return 0 if met else 1
+
+
+def _at_least(minimum: int, why: str = ""):
+    """An argparse type: a whole number >= `minimum`, else a clear usage error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}{why}")
+        return value
+    return parse
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Compression of Lesson 06: measure a model, prune it, quantize it to int8, distill it, measure again.
 
 `measure` gives every variant the same report card (weights, sparsity, file and gzip size of
-its saved state_dict, test accuracy, CPU latency at batch 1 and 256). Pruning wraps
+its saved state_dict, test accuracy, CPU latency at batch 1 and 256, and its speed ratio to the
+baseline, timed in turns with it so both see the same machine load). Pruning wraps
 `torch.nn.utils.prune`, int8 wraps `torch.ao.quantization.quantize_dynamic` and
 `torchao.quantization.quantize_`; distillation is one short training loop.
 """
@@ -10,12 +11,10 @@ from __future__ import annotations
 import copy
 import gzip
 import io
-import statistics
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -25,15 +24,16 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mvtk.data import ImageDataset
-from mvtk.errors import InvalidArgumentError
+from mvtk.errors import InvalidArgumentError, check_positive_int
 from mvtk.files import write_bytes_atomic
+from mvtk.timing import median_latencies
 from mvtk.train import DEFAULT_LR, evaluate
 
 LATENCY_THREADS = 1           # one thread: latency does not depend on what else keeps the other core busy
 LATENCY_BATCHES = (1, 256)    # one request, and a batch where matrix kernels dominate
+LATENCY_ROUNDS = 10           # alternating timed blocks per model: short blocks, so a load spike hits every model
 PRUNABLE = (nn.Linear, nn.Conv2d)
 INT8_BACKENDS = ("torch.ao", "torchao")
-INT8_LAYERS = (nn.Linear,)    # what both int8 paths quantize; convolutions stay float (Lesson 07: ONNX Runtime)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 GZIP_LEVEL = 6                # gzip -6, the command-line default: level 9 is 10x slower for ~5% less
 UNLABELLED = -1               # the label of an example whose label the student may not see
@@ -43,7 +43,11 @@ UNLABELLED = -1               # the label of an example whose label the student 
 
 @dataclass
 class Measurement:
-    """One variant's report card: weights, sparsity, sizes, accuracy, latency per batch size (Lesson 06, §1)."""
+    """One variant's report card: weights, sparsity, sizes, accuracy, latency and speed-up per batch size.
+
+    Lesson 06, §1. `speedup[b]` is the baseline's ms / this variant's ms at batch `b`, both timed in
+    turns in the same run (1.0 for a model measured without a baseline: it is its own reference).
+    """
     name: str
     weights: int          # values in the layers' weights and biases
     sparsity: float       # fraction of those values that are exactly zero
@@ -51,25 +55,37 @@ class Measurement:
     gzip_bytes: int       # the same file, gzip-compressed
     accuracy: float       # on the loader given to `measure`
     latency_ms: dict[int, float] = field(default_factory=dict)  # batch size -> median ms
+    speedup: dict[int, float] = field(default_factory=dict)     # batch size -> baseline ms / this ms, same run
 
 
 def measure(model: nn.Module, loader: DataLoader, folder: str | Path, name: str, *,
-            batch_sizes: Sequence[int] = LATENCY_BATCHES, threads: int = LATENCY_THREADS,
-            repeats: int = 20, warmup: int = 3) -> Measurement:
-    """Measure `model` on the CPU: sizes (writes `folder/<name>.pt`), accuracy on `loader`, latency (Lesson 06, §1).
+            baseline: nn.Module | None = None, repeats: int = 30, warmup: int = 2) -> Measurement:
+    """Measure `model` on the CPU: sizes, accuracy on `loader`, latency and speed-up over `baseline` (Lesson 06, §1).
 
-    A model on another device is copied to the CPU first; the model itself is not changed.
+    Writes the state_dict to `folder/<slug>.pt`, where the slug is `name` in lower case with every
+    character other than letters, digits, '-' and '_' replaced by '_' ("fp32 baseline" -> fp32_baseline.pt).
+    With a `baseline` model, both are timed in turns at every batch size (`latencies_ms`), so the speed-up
+    compares timings taken under the same machine load. A model on another device is copied to the CPU
+    first; the models themselves are not changed.
     """
     model = on_cpu(model)
+    try:
+        example_shape = tuple(next(iter(loader))[0].shape[1:])
+    except StopIteration:
+        raise InvalidArgumentError(f"loader yields no batches: measure needs at least one batch of {name!r}'s "
+                                   "test data to evaluate accuracy and to shape the timing inputs") from None
     path = Path(folder) / f"{_slug(name)}.pt"
     file_bytes, gzip_bytes = saved_size(model, path)
-    example_shape = tuple(next(iter(loader))[0].shape[1:])
     values = layer_values(model)
+    models = [model] if baseline is None else [model, on_cpu(baseline)]
+    latency, speedup = {}, {}
+    for batch in LATENCY_BATCHES:
+        times = latencies_ms(models, example_shape, batch, repeats=repeats, warmup=warmup)
+        latency[batch], speedup[batch] = times[0], times[-1] / times[0]
     return Measurement(
         name=name, weights=sum(v.numel() for v in values.values()), sparsity=sparsity(model),
         file_bytes=file_bytes, gzip_bytes=gzip_bytes, accuracy=evaluate(model, loader, device="cpu").accuracy,
-        latency_ms={b: latency_ms(model, example_shape, b, threads=threads, repeats=repeats, warmup=warmup)
-                    for b in batch_sizes})
+        latency_ms=latency, speedup=speedup)
 
 
 def saved_size(model: nn.Module, path: str | Path) -> tuple[int, int]:
@@ -79,35 +95,41 @@ def saved_size(model: nn.Module, path: str | Path) -> tuple[int, int]:
     return Path(path).stat().st_size, len(gzip.compress(data, compresslevel=GZIP_LEVEL, mtime=0))
 
 
-def latency_ms(model: nn.Module, example_shape: tuple[int, ...], batch_size: int, *,
-               threads: int = LATENCY_THREADS, repeats: int = 20, warmup: int = 3) -> float:
-    """Median ms of one forward pass on the CPU, after `warmup` passes, on `threads` threads (Lesson 06, §1)."""
-    for label, value in (("batch_size", batch_size), ("threads", threads), ("repeats", repeats)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidArgumentError(f"{label} must be a positive int, got {value!r}")
+def latencies_ms(models: Sequence[nn.Module], example_shape: tuple[int, ...], batch_size: int, *,
+                 threads: int = LATENCY_THREADS, repeats: int = 30, warmup: int = 2) -> list[float]:
+    """Median ms of one CPU forward pass of each model on `threads` threads, timed in turns (Lesson 06, §1).
+
+    `mvtk.timing.median_latencies` runs LATENCY_ROUNDS warmed-up blocks of each model in alternation
+    (`warmup` untimed calls, then `repeats / LATENCY_ROUNDS` timed ones), so a change in machine load hits
+    every model alike. Thread count and training modes are restored after.
+    """
+    check_positive_int(batch_size, "batch_size")
+    check_positive_int(threads, "threads")
+    check_positive_int(repeats, "repeats")
     inputs = torch.rand(batch_size, *example_shape, generator=torch.Generator().manual_seed(0))
-    before, was_training = torch.get_num_threads(), model.training
+    before, modes = torch.get_num_threads(), [m.training for m in models]
     torch.set_num_threads(threads)
-    model.eval()
-    times = []
     try:
+        for m in models:
+            m.eval()
         with torch.inference_mode():
-            for step in range(warmup + repeats):
-                start = time.perf_counter()
-                model(inputs)
-                if step >= warmup:
-                    times.append(time.perf_counter() - start)
+            seconds = median_latencies([lambda m=m: m(inputs) for m in models], repeats=repeats, warmup=warmup,
+                                        rounds=LATENCY_ROUNDS)
     finally:
         torch.set_num_threads(before)
-        model.train(was_training)
-    return 1000 * statistics.median(times)
+        for m, was_training in zip(models, modes):
+            m.train(was_training)
+    return [1000 * s for s in seconds]
 
 
-def report(rows: Sequence[Measurement], baseline: Measurement | None = None) -> str:
-    """A text table of `rows` with size, accuracy and speed ratios to `baseline` (default: row 0) (Lesson 06, §1)."""
+def report(rows: Sequence[Measurement]) -> str:
+    """A text table of `rows`: size and accuracy against row 0, latency and speed-up per batch (Lesson 06, §1).
+
+    `faster@b` is each row's `speedup`: the baseline's ms / the row's ms, timed in turns in one run.
+    """
     if not rows:
         raise InvalidArgumentError("report needs at least one Measurement")
-    base = baseline if baseline is not None else rows[0]
+    base = rows[0]
     batches = sorted(base.latency_ms)
     head = (f"{'variant':<26}{'weights':>9}{'sparse':>8}{'file kB':>9}{'gzip kB':>9}{'smaller':>9}"
             f"{'accuracy':>9}{'Δ points':>9}" + "".join(f"{f'ms@{b}':>9}{f'faster@{b}':>11}" for b in batches))
@@ -116,14 +138,13 @@ def report(rows: Sequence[Measurement], baseline: Measurement | None = None) -> 
         line = (f"{r.name:<26}{r.weights:>9,}{r.sparsity:>8.1%}{r.file_bytes / 1000:>9.1f}{r.gzip_bytes / 1000:>9.1f}"
                 f"{base.file_bytes / r.file_bytes:>8.2f}x{r.accuracy:>9.3f}{100 * (r.accuracy - base.accuracy):>+9.1f}")
         for b in batches:
-            ms = r.latency_ms.get(b, float("nan"))
-            line += f"{ms:>9.3f}{base.latency_ms[b] / ms:>10.2f}x"
+            line += f"{r.latency_ms.get(b, float('nan')):>9.3f}{r.speedup.get(b, float('nan')):>10.2f}x"
         lines.append(line)
     return "\n".join(lines)
 
 
 def plot_tradeoff(rows: Sequence[Measurement], ax=None):
-    """Accuracy against file size (filled) and gzip size (hollow), one labelled point per variant (Lesson 06, §1)."""
+    """Accuracy against file size (filled) and gzip size (hollow), one labelled point per variant (Lesson 06, §8)."""
     import matplotlib.pyplot as plt
 
     ax = ax if ax is not None else plt.subplots(figsize=(7, 4))[1]
@@ -143,7 +164,7 @@ def on_cpu(model: nn.Module) -> nn.Module:
     tensors = list(model.parameters()) + list(model.buffers())
     if all(t.device.type == "cpu" for t in tensors):
         return model
-    return _copy(model).cpu()
+    return copy_model(model).cpu()
 
 
 def layer_values(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -194,13 +215,13 @@ def prune_global(model: nn.Module, amount: float, layer_types: tuple[type, ...] 
     return model
 
 
-def prune_neurons(model: nn.Module, layer: str, amount: float, n: int | float = 2) -> nn.Module:
-    """Zero whole output neurons (Linear rows) or channels (Conv2d filters) of `layer` with the smallest L`n` norm.
+def prune_neurons(model: nn.Module, layer: str, amount: float) -> nn.Module:
+    """Zero whole output neurons (Linear rows) or channels (Conv2d filters) of `layer` with the smallest L2 norm.
 
     Lesson 06, §3. Structured: the zeros come in whole rows, so `drop_pruned_neurons` can remove them.
     """
     _check_amount(amount)
-    prune.ln_structured(_prunable(model, layer, "weight"), "weight", amount=float(amount), n=n, dim=0)
+    prune.ln_structured(_prunable(model, layer, "weight"), "weight", amount=float(amount), n=2, dim=0)
     return model
 
 
@@ -213,14 +234,13 @@ def make_permanent(model: nn.Module) -> nn.Module:
     return model
 
 
-def drop_pruned_neurons(model: nn.Module, layer: str, next_layer: str,
-                        activation: Callable[[torch.Tensor], torch.Tensor] = torch.relu) -> nn.Module:
+def drop_pruned_neurons(model: nn.Module, layer: str, next_layer: str) -> nn.Module:
     """A copy of `model` with the all-zero rows of Linear `layer` removed, and the matching inputs of `next_layer`.
 
-    Lesson 06, §3. A removed neuron still outputs activation(bias), a constant: it is added to
-    `next_layer`'s bias, so the smaller model computes the same function as the pruned one.
+    Lesson 06, §3. A removed neuron still outputs relu(bias), a constant (the course MLPs use ReLU): it is
+    added to `next_layer`'s bias, so the smaller model computes the same function as the pruned one.
     """
-    model = make_permanent(_copy(model))
+    model = make_permanent(copy_model(model))
     first, second = (_module(model, name) for name in (layer, next_layer))
     for name, module in ((layer, first), (next_layer, second)):
         if not isinstance(module, nn.Linear):
@@ -233,7 +253,7 @@ def drop_pruned_neurons(model: nn.Module, layer: str, next_layer: str,
     with torch.no_grad():
         keep = first.weight.abs().sum(dim=1) != 0
         bias = first.bias if first.bias is not None else torch.zeros(first.out_features, **like)
-        constant = activation(bias[~keep])  # what each dropped neuron always outputs
+        constant = torch.relu(bias[~keep])  # what each dropped neuron always outputs
         smaller_first = nn.Linear(first.in_features, int(keep.sum()), bias=first.bias is not None, **like)
         smaller_first.weight.copy_(first.weight[keep])
         if first.bias is not None:
@@ -253,36 +273,32 @@ def cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """A copy of `model` stored in float16 or bfloat16 that takes and returns float32 tensors (Lesson 06, §5)."""
     if dtype not in HALF_DTYPES:
         raise InvalidArgumentError(f"dtype must be one of {[str(d) for d in HALF_DTYPES]}, got {dtype!r}")
-    half = _copy(model).to(dtype)
+    half = copy_model(model).to(dtype)
     half.register_forward_pre_hook(lambda _m, args: tuple(a.to(dtype) if a.is_floating_point() else a for a in args))
     half.register_forward_hook(lambda _m, _args, out: out.float())
     return half
 
 
-def quantize_int8(model: nn.Module, backend: str = "torch.ao",
-                  layer_types: tuple[type, ...] = INT8_LAYERS) -> nn.Module:
+def quantize_int8(model: nn.Module, backend: str = "torch.ao") -> nn.Module:
     """A CPU copy of `model` whose Linear layers compute in int8 (weights int8, activations int8 per batch).
 
-    Lesson 06, §6. backend "torch.ao": torch.ao.quantization.quantize_dynamic (fast fbgemm kernels, but
+    Lesson 06, §6. Pruning is made permanent on the copy first (`make_permanent`); the caller's model
+    keeps its masks. Convolutions stay float (int8 convolutions: ONNX Runtime, Lesson 07). backend "torch.ao": torch.ao.quantization.quantize_dynamic (fast fbgemm kernels, but
     deprecated in favour of torchao; its deprecation warnings are silenced here, the lesson shows them).
     backend "torchao": torchao.quantization.quantize_ with Int8DynamicActivationInt8WeightConfig
     (the maintained path; slow on CPU without torch.compile).
     """
     if backend not in INT8_BACKENDS:
         raise InvalidArgumentError(f"unknown int8 backend {backend!r}; expected one of {INT8_BACKENDS}")
-    unsupported = [t.__name__ for t in layer_types if t not in INT8_LAYERS]
-    if unsupported:
-        raise InvalidArgumentError(f"int8 quantization here supports {[t.__name__ for t in INT8_LAYERS]} layers, "
-                                   f"not {unsupported}; export to ONNX Runtime for int8 convolutions (Lesson 07)")
-    if not any(isinstance(m, INT8_LAYERS) for m in model.modules()):
+    if not any(isinstance(m, nn.Linear) for m in model.modules()):
         raise InvalidArgumentError(f"{type(model).__name__} has no nn.Linear layer to quantize")
     cpu = on_cpu(model)
-    model = make_permanent(_copy(model) if cpu is model else cpu).eval()  # never change the caller's model
+    model = make_permanent(copy_model(model) if cpu is model else cpu).eval()  # never change the caller's model
     if backend == "torch.ao":
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
             warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor.*deprecated")
-            return torch.ao.quantization.quantize_dynamic(model, set(layer_types), dtype=torch.qint8)
+            return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
     quantize_(model, Int8DynamicActivationInt8WeightConfig())
@@ -348,8 +364,7 @@ def distill(student: nn.Module, teacher: nn.Module, loader: DataLoader, *, epoch
     parameters are in the optimizer, so the teacher never changes; its mode is restored after.
     """
     _check_distillation(temperature, alpha)
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise InvalidArgumentError(f"epochs must be a positive int, got {epochs!r}")
+    check_positive_int(epochs, "epochs")
     device = torch.device(device) if device is not None else next(student.parameters()).device
     optimizer = optimizer if optimizer is not None else torch.optim.Adam(student.parameters(), lr=DEFAULT_LR)
     teacher_was_training, losses = teacher.training, []
@@ -368,6 +383,8 @@ def distill(student: nn.Module, teacher: nn.Module, loader: DataLoader, *, epoch
                 loss.backward()
                 optimizer.step()
                 total, count = total + loss.item() * len(labels), count + len(labels)
+            if count == 0:
+                raise InvalidArgumentError("loader yields no batches: distill needs at least one batch to train on")
             losses.append(total / count)
     finally:
         teacher.train(teacher_was_training)
@@ -416,9 +433,12 @@ def _state_dict_bytes(model: nn.Module) -> bytes:
     return buffer.getvalue()
 
 
-def _copy(model: nn.Module) -> nn.Module:
-    # A pruned layer's `weight` is recomputed each forward; after a training step it is part of an
-    # autograd graph, which deepcopy refuses. Recompute it without gradients first.
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` that also works for a pruned model after a training step (Lessons 06 and 07).
+
+    A pruned layer's `weight` is recomputed each forward; after a training step it is part of an
+    autograd graph, which deepcopy refuses. It is recomputed without gradients first.
+    """
     with torch.no_grad():
         for module in model.modules():
             for hook in module._forward_pre_hooks.values():

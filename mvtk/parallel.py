@@ -10,6 +10,7 @@ checkpoints, with `mvtk.checkpoint.save_checkpoint`.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import statistics
@@ -29,17 +30,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mvtk.checkpoint import check_state_dict_fits, save_checkpoint
-from mvtk.data import load_dataset
+from mvtk.data import make_loaders
 from mvtk.env import pick_device, seed_everything
-from mvtk.errors import DeviceUnavailableError, InvalidArgumentError, ParallelError
-from mvtk.models import build_model
+from mvtk.errors import DeviceUnavailableError, InvalidArgumentError, ParallelError, check_positive_int
+from mvtk.models import MODELS, build_model
 from mvtk.train import DEFAULT_LR, History, evaluate, train_one_epoch
 
 BACKENDS = ("gloo", "nccl")      # gloo: CPU (and GPU); nccl: NVIDIA GPUs, one GPU per process
 MODULE_PREFIX = "module."        # what DataParallel and DDP put in front of every state_dict key
 CHECKPOINT_NAME = "last.pt"      # rank 0 writes OUT/last.pt after every epoch
-IMAGE_SIZE = {"mlp": 8, "mlp_v2": 8, "cnn": 16}  # pixels per side each course model expects
-EVAL_BATCH_SIZE = 512
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run")  # torchrun of this very Python (same venv)
 GROUP_TIMEOUT = timedelta(minutes=5)  # how long a collective waits for a missing process
 FAILURE_LINE = re.compile(r"^\w[\w.]*(Error|Exception): |: error: ")  # a worker's exception or argparse error
@@ -107,8 +106,7 @@ def check_launch(backend: str, nproc: int, device: torch.device | str, gpus: int
     if backend not in BACKENDS:
         raise ParallelError(f"unknown backend {backend!r}; expected one of {BACKENDS} "
                             "('gloo' for CPUs, 'nccl' for NVIDIA GPUs)")
-    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
-        raise ParallelError(f"the number of processes must be a positive int, got {nproc!r}")
+    check_positive_int(nproc, "the number of processes (nproc)", ParallelError)
     if backend == "nccl" and device.type != "cuda":
         raise ParallelError(f"backend 'nccl' runs on CUDA GPUs only, but the device is {device.type!r}; "
                             "use --backend gloo on the CPU")
@@ -145,8 +143,7 @@ def shard_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int 
     `seed` must be the same on every rank so that the shards do not overlap. Without a process group,
     pass `num_replicas` and `rank`.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InvalidArgumentError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_positive_int(batch_size, "batch_size")
     sampler = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=0, pin_memory=pin_memory)
 
@@ -161,16 +158,17 @@ def all_reduce_mean(value: float, weight: float = 1.0, device: torch.device | st
 def train_ddp(*, model_name: str = "mlp", epochs: int = 10, batch_size: int = 32, lr: float = DEFAULT_LR,
               seed: int = 0, out: str | os.PathLike = "runs/ddp", device: torch.device | str = "cpu",
               backend: str | None = None) -> dict[str, float]:
-    """Train a course model with DDP in this process's group; rank 0 saves OUT/last.pt every epoch (Lesson 05, §4).
+    """Train a course model with DDP; rank 0 saves OUT/last.pt every epoch (Lesson 05, §4).
 
-    `batch_size` is the global batch, split evenly over the processes, so the recipe matches a single
-    process with the same batch size. Returns the final metrics, averaged over ranks with all_reduce.
+    Checks the set-up (`check_launch`), joins the process group torchrun describes (a group of one
+    without torchrun), trains, and destroys the group again, also on failure. `batch_size` is the
+    global batch, split evenly over the processes, so the recipe matches a single process with the
+    same batch size. Returns the final metrics, averaged over ranks with all_reduce.
     """
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidArgumentError(f"{name} must be a positive int, got {value!r}")
-    if model_name not in IMAGE_SIZE:
-        raise InvalidArgumentError(f"unknown model {model_name!r}; expected one of {sorted(IMAGE_SIZE)}")
+    check_positive_int(epochs, "epochs")
+    check_positive_int(batch_size, "batch_size")
+    if model_name not in MODELS:
+        raise InvalidArgumentError(f"unknown model {model_name!r}; expected one of {sorted(MODELS)}")
     backend = backend or choose_backend(device)
     check_launch(backend, int(os.environ.get("LOCAL_WORLD_SIZE", 1)), device)
     rank, world, device = init_distributed(backend, device)
@@ -182,10 +180,10 @@ def train_ddp(*, model_name: str = "mlp", epochs: int = 10, batch_size: int = 32
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         seed_everything(seed + rank, threads=None)  # per-rank seed: dropout and augmentation differ by rank
         pin = device.type == "cuda"
-        data = {split: load_dataset("digits", split, size=IMAGE_SIZE[model_name]) for split in ("train", "val", "test")}
-        train = shard_loader(data["train"], batch_size // world, shuffle=True, seed=seed, pin_memory=pin)
-        val, test = (shard_loader(data[split], EVAL_BATCH_SIZE, shuffle=False, pin_memory=pin)
-                     for split in ("val", "test"))
+        data = make_loaders(size=_image_size(model))  # the course's splits and evaluation batch size
+        train = shard_loader(data.train.dataset, batch_size // world, shuffle=True, seed=seed, pin_memory=pin)
+        val, test = (shard_loader(loader.dataset, loader.batch_size, shuffle=False, pin_memory=pin)
+                     for loader in (data.val, data.test))
         print(f"rank {rank}/{world}: {len(train.sampler)} training samples per epoch in batches of "
               f"{batch_size // world}, seed {seed + rank}, backend {backend}", flush=True)
         optimizer = torch.optim.Adam(ddp.parameters(), lr=lr)
@@ -211,7 +209,7 @@ def train_ddp(*, model_name: str = "mlp", epochs: int = 10, batch_size: int = 32
                       f"val accuracy {val_acc:.4f}", flush=True)
             _barrier(device)  # nobody runs ahead while rank 0 writes
         if rank == 0:
-            print(f"test accuracy {metrics.get('test_acc', float('nan')):.4f} with {world} processes; "
+            print(f"test accuracy {metrics['test_acc']:.4f} with {world} processes; "
                   f"rank 0 saved {Path(out) / CHECKPOINT_NAME}", flush=True)
         return metrics
     finally:
@@ -220,14 +218,14 @@ def train_ddp(*, model_name: str = "mlp", epochs: int = 10, batch_size: int = 32
 
 def torchrun_command(script_args: Sequence[str] = (), *, nproc: int = 2, nnodes: int = 1,
                      rdzv_endpoint: str | None = None, rdzv_id: str = "mvtk",
-                     program: Sequence[str] = TORCHRUN, module: str = "mvtk.parallel") -> list[str]:
-    """The torchrun command running `module` in `nproc` processes on each of `nnodes` machines (Lesson 05, §4-§5).
+                     program: Sequence[str] = TORCHRUN) -> list[str]:
+    """The torchrun command running mvtk.parallel in `nproc` processes on each of `nnodes` machines.
 
-    One machine: --standalone. Several: every machine runs the same command, meeting at `rdzv_endpoint`.
+    Lesson 05, §4-§5. One machine: --standalone. Several: every machine runs the same command,
+    meeting at `rdzv_endpoint`.
     """
-    for name, value in (("nproc", nproc), ("nnodes", nnodes)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ParallelError(f"{name} must be a positive int, got {value!r}")
+    check_positive_int(nproc, "nproc", ParallelError)
+    check_positive_int(nnodes, "nnodes", ParallelError)
     command = list(program)
     if nnodes == 1 and rdzv_endpoint is None:
         command.append("--standalone")  # a private rendezvous on a free local port
@@ -237,7 +235,7 @@ def torchrun_command(script_args: Sequence[str] = (), *, nproc: int = 2, nnodes:
     else:
         command += [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}",
                     f"--rdzv-id={rdzv_id}"]
-    return command + [f"--nproc_per_node={nproc}", "-m", module, *map(str, script_args)]
+    return command + [f"--nproc_per_node={nproc}", "-m", "mvtk.parallel", *map(str, script_args)]
 
 
 def launch(script_args: Sequence[str] = (), *, nproc: int = 2, cwd: str | os.PathLike | None = None,
@@ -267,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
                     f"OUT/{CHECKPOINT_NAME} after every epoch (mvtk.checkpoint). Lesson 05.",
         epilog="Several machines: run on every machine  torchrun --nnodes=2 --nproc_per_node=4 "
                "--rdzv-backend=c10d --rdzv-endpoint=HOST:29400 --rdzv-id=job1 -m mvtk.parallel ...")
-    parser.add_argument("--model", default="mlp", choices=sorted(IMAGE_SIZE), help="course model (default: mlp)")
+    parser.add_argument("--model", default="mlp", choices=sorted(MODELS), help="course model (default: mlp)")
     parser.add_argument("--epochs", type=_positive_int, default=10, help="passes over the training set (default: 10)")
     parser.add_argument("--batch-size", type=_positive_int, default=32,
                         help="GLOBAL batch size, split evenly over the processes (default: 32)")
@@ -284,17 +282,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `torchrun ... -m mvtk.parallel`: check the set-up, then train (Lesson 05, §4)."""
+    """Entry point of `torchrun ... -m mvtk.parallel`: train, or explain a wrong set-up (Lesson 05, §4).
+
+    `train_ddp` checks the set-up (`check_launch`) before it joins a process group; its errors, like a
+    device this machine lacks, become a usage message and exit code 2.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         device = pick_device(args.device)
-        backend = args.backend or choose_backend(device)
-        check_launch(backend, int(os.environ.get("LOCAL_WORLD_SIZE", 1)), device)
+        train_ddp(model_name=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                  seed=args.seed, out=args.out, device=device, backend=args.backend)
     except (ParallelError, DeviceUnavailableError, InvalidArgumentError) as exc:
         parser.error(str(exc))  # prints usage and the message, exits with code 2
-    train_ddp(model_name=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-              out=args.out, device=device, backend=backend)
     return 0
 
 
@@ -303,6 +303,12 @@ def _evaluate_shards(model: nn.Module, loader: DataLoader, device: torch.device)
     result = evaluate(model, loader, device=device)
     weight = len(loader.sampler)
     return all_reduce_mean(result.loss, weight, device), all_reduce_mean(result.accuracy, weight, device)
+
+
+def _image_size(model: nn.Module) -> int:
+    """Pixels per side of the square images a course model takes (SmallCNN: input_shape; MLPs: in_features)."""
+    shape = getattr(model, "input_shape", None)
+    return shape[-1] if shape is not None else math.isqrt(model.in_features)
 
 
 def _barrier(device: torch.device) -> None:

@@ -45,21 +45,66 @@ def test_measure_reports_the_saved_file_and_every_batch_size(mlp, loader, tmp_pa
     assert row.weights == count_parameters(mlp) and row.sparsity == 0.0
     assert 0.0 <= row.accuracy <= 1.0 and 0 < row.gzip_bytes
     assert set(row.latency_ms) == set(compress.LATENCY_BATCHES) and all(ms > 0 for ms in row.latency_ms.values())
+    assert row.speedup == {b: 1.0 for b in compress.LATENCY_BATCHES}  # no baseline: its own reference
 
 
-def test_latency_keeps_the_thread_count_and_training_mode(mlp):
+def test_measure_times_a_variant_in_turns_with_its_baseline(mlp, loader, tmp_path, monkeypatch):
+    timed = []
+
+    def fake_median_latencies(fns, **kwargs):  # records what is timed together, answers 2 ms and 1 ms
+        timed.append(len(fns))
+        return [0.002, 0.001][:len(fns)]
+
+    monkeypatch.setattr(compress, "median_latencies", fake_median_latencies)
+    row = compress.measure(compress.cast(mlp, torch.bfloat16), loader, tmp_path, "bf16", baseline=mlp)
+    assert timed == [2] * len(compress.LATENCY_BATCHES)  # the variant and the baseline in one alternating run
+    assert row.latency_ms == {b: 2.0 for b in compress.LATENCY_BATCHES}
+    assert row.speedup == {b: 0.5 for b in compress.LATENCY_BATCHES}  # baseline ms / variant ms
+
+
+def test_latency_keeps_the_thread_count_and_training_modes(mlp):
     before = torch.get_num_threads()
-    mlp.train()
-    compress.latency_ms(mlp, (1, 8, 8), 4, threads=1, repeats=2, warmup=1)
-    assert torch.get_num_threads() == before and mlp.training
+    torch.set_num_threads(2)  # not the 1 thread timed with, so a thread count left behind would show
+    try:
+        other = MLP().train()
+        mlp.train()
+        times = compress.latencies_ms([mlp, other.eval()], (1, 8, 8), 4, threads=1, repeats=2, warmup=1)
+        assert torch.get_num_threads() == 2 and mlp.training and not other.training
+        assert len(times) == 2 and all(ms > 0 for ms in times)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_report_gives_ratios_to_the_first_row(mlp, loader, tmp_path):
     base = compress.measure(mlp, loader, tmp_path, "fp32", repeats=2, warmup=1)
-    half = compress.measure(compress.cast(mlp, torch.bfloat16), loader, tmp_path, "bf16", repeats=2, warmup=1)
+    half = compress.measure(compress.cast(mlp, torch.bfloat16), loader, tmp_path, "bf16", baseline=mlp,
+                            repeats=2, warmup=1)
     table = compress.report([base, half])
     assert "fp32" in table and "bf16" in table and "1.00x" in table
     assert f"{base.file_bytes / half.file_bytes:.2f}x" in table
+    assert f"{half.speedup[256]:.2f}x" in table.splitlines()[-1]
+
+
+def test_measure_refuses_an_empty_loader(mlp, tmp_path):
+    empty = DataLoader(TensorDataset(torch.rand(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)), batch_size=4)
+    with pytest.raises(InvalidArgumentError, match="loader yields no batches"):
+        compress.measure(mlp, empty, tmp_path, "empty")
+
+
+def test_plot_tradeoff_draws_a_filled_and_a_hollow_point_per_variant(mlp, loader, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [compress.measure(mlp, loader, tmp_path, "fp32", repeats=2, warmup=1),
+            compress.measure(compress.cast(mlp, torch.bfloat16), loader, tmp_path, "bf16", repeats=2, warmup=1)]
+    ax = compress.plot_tradeoff(rows)
+    points = sorted(v for c in ax.collections for p in c.get_offsets().tolist() for v in p)
+    expected = sorted(v for r in rows for size in (r.file_bytes, r.gzip_bytes) for v in (size / 1000, 100 * r.accuracy))
+    assert len(ax.collections) == 2 * len(rows) and points == pytest.approx(expected)
+    assert [t.get_text() for t in ax.texts] == ["fp32", "bf16"]
+    plt.close(ax.figure)
 
 
 # --- pruning --------------------------------------------------------------------------------------
@@ -145,11 +190,19 @@ def test_int8_outputs_stay_close_to_float32(wide):
             assert (compress.quantize_int8(wide, backend=backend)(x) - wide(x)).abs().max() < 0.05
 
 
-def test_torch_ao_int8_hides_only_its_deprecation_warnings(mlp):
+def test_torch_ao_int8_hides_only_its_deprecation_warnings(mlp, monkeypatch):
+    quantize_dynamic = torch.ao.quantization.quantize_dynamic
+
+    def also_warns(*args, **kwargs):  # the real call, plus a warning that must not be hidden
+        warnings.warn("some other warning", UserWarning)
+        return quantize_dynamic(*args, **kwargs)
+
+    monkeypatch.setattr(torch.ao.quantization, "quantize_dynamic", also_warns)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         int8 = compress.quantize_int8(mlp)
     assert not [w for w in caught if "deprecated" in str(w.message)]
+    assert [str(w.message) for w in caught if "some other warning" in str(w.message)] == ["some other warning"]
     assert isinstance(int8.fc1, torch.ao.nn.quantized.dynamic.Linear) and type(mlp.fc1) is nn.Linear
 
 
@@ -205,6 +258,12 @@ def test_distill_trains_the_student_and_leaves_the_teacher_as_it_was():
     assert all(p.grad is None for p in teacher.parameters())
 
 
+def test_distill_refuses_an_empty_loader():
+    empty = DataLoader(ImageDataset(torch.rand(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)), batch_size=4)
+    with pytest.raises(InvalidArgumentError, match="loader yields no batches"):
+        compress.distill(MLP(hidden=8), MLP(hidden=8), empty, epochs=1, progress=False)
+
+
 # --- bad input ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("amount", [-0.1, 1.5, True, "half", None])
@@ -232,9 +291,7 @@ def test_a_model_with_nothing_to_prune_is_refused():
         compress.prune_global(nn.Sequential(nn.ReLU()), 0.5)
 
 
-def test_unsupported_layer_types_for_int8_are_refused(mlp):
-    with pytest.raises(InvalidArgumentError, match="Conv2d"):
-        compress.quantize_int8(mlp, layer_types=(nn.Linear, nn.Conv2d))
+def test_int8_refuses_a_model_without_linear_layers_and_unknown_backends(mlp):
     with pytest.raises(InvalidArgumentError, match="no nn.Linear"):
         compress.quantize_int8(nn.Sequential(nn.Conv2d(1, 4, 3)))
     with pytest.raises(InvalidArgumentError, match="backend"):
@@ -251,7 +308,7 @@ def test_other_bad_input_is_refused(mlp, tmp_path):
     with pytest.raises(InvalidArgumentError, match="n_labelled"):
         compress.split_labelled(ImageDataset(torch.rand(5, 1, 8, 8), torch.zeros(5, dtype=torch.long)), 0)
     with pytest.raises(InvalidArgumentError, match="batch_size"):
-        compress.latency_ms(mlp, (1, 8, 8), 0)
+        compress.latencies_ms([mlp], (1, 8, 8), 0)
     with pytest.raises(InvalidArgumentError, match="nn.Linear layers"):
         compress.drop_pruned_neurons(build_model("cnn"), "features.conv1", "features.conv2")
     (tmp_path / "plain.pt").write_bytes(b"not gzip")

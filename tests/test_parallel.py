@@ -1,5 +1,7 @@
 """Lesson 05's claims: the `module.` prefix trap and its fix, DDP set-up errors, and 2-process DDP under torchrun
 trains the same model as one process with the same recipe."""
+import subprocess
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -11,7 +13,7 @@ from mvtk.checkpoint import load_checkpoint
 from mvtk.data import load_dataset, make_loaders
 from mvtk.env import seed_everything
 from mvtk.errors import ArchitectureMismatchError, InvalidArgumentError, ParallelError
-from mvtk.models import MLP, build_model
+from mvtk.models import MLP, MODELS, build_model
 from mvtk.train import evaluate, fit
 
 EPOCHS = 5  # the recipe both the DDP run and the single-process run use
@@ -108,8 +110,28 @@ def test_nccl_on_the_cpu_is_a_parallel_error():
         parallel.check_launch("nccl", 1, "cpu")
 
 
+@pytest.mark.parametrize("bad", [0, -2, True, 1.5, "2"])
+def test_a_process_count_that_is_not_a_positive_int_is_a_parallel_error(bad):
+    with pytest.raises(ParallelError, match="nproc.*must be a positive int"):
+        parallel.check_launch("gloo", bad, "cpu")
+    with pytest.raises(ParallelError, match="nproc must be a positive int"):
+        parallel.torchrun_command(nproc=bad)
+    with pytest.raises(ParallelError, match="nnodes must be a positive int"):
+        parallel.torchrun_command(nnodes=bad)
+    with pytest.raises(InvalidArgumentError, match="batch_size must be a positive int"):
+        parallel.shard_loader(range(4), bad, shuffle=False, num_replicas=1, rank=0)
+
+
 def test_gloo_on_the_cpu_may_run_many_processes():
     parallel.check_launch("gloo", 8, "cpu", gpus=0)
+
+
+def test_the_script_feeds_every_course_model_images_of_the_size_it_takes():
+    assert parallel.build_parser().parse_args(["--model", "cnn"]).model == "cnn"
+    for name in MODELS:
+        model = build_model(name)
+        size = parallel._image_size(model)
+        assert model(torch.rand(2, 1, size, size)).shape == (2, 10)
 
 
 def test_choose_backend_picks_nccl_for_gpus_and_gloo_otherwise():
@@ -161,10 +183,30 @@ def test_set_epoch_reshuffles_and_forgetting_it_repeats_the_order():
     assert first == again and list(sampler) != first
 
 
-def test_all_reduce_mean_weights_each_rank_by_its_samples(alone):
-    rank, world, _ = parallel.init_distributed("gloo", "cpu")
-    assert (rank, world) == (0, 1)
-    assert parallel.all_reduce_mean(0.25, 10) == pytest.approx(0.25)
+def test_all_reduce_mean_weights_each_rank_by_its_samples(monkeypatch):
+    def all_reduce(totals, op):  # this rank's [value * weight, weight] plus another rank's: 1.0 over 30 samples
+        assert op == dist.ReduceOp.SUM
+        totals += torch.tensor([1.0 * 30, 30.0], dtype=totals.dtype)
+
+    monkeypatch.setattr(parallel.dist, "all_reduce", all_reduce)
+    # (0.25 * 10 + 1.0 * 30) / 40, not the unweighted (0.25 + 1.0) / 2
+    assert parallel.all_reduce_mean(0.25, 10) == pytest.approx(0.8125)
+
+
+def test_launch_names_the_workers_error_when_torchrun_fails(monkeypatch):
+    seen = {}
+
+    def failed_run(command, **kwargs):
+        seen.update(command=command, threads=kwargs["env"]["OMP_NUM_THREADS"])
+        output = ("[rank1]: Traceback (most recent call last):\n[rank1]:   ...\n"
+                  "ValueError: the data set is empty\ntorch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n")
+        return subprocess.CompletedProcess(command, 1, stdout="", stderr=output)
+
+    monkeypatch.setattr(parallel.subprocess, "run", failed_run)
+    with pytest.raises(ParallelError, match=r"exited with code 1: ValueError: the data set is empty \| "
+                                            r"torch\.distributed\.elastic.*ChildFailedError"):
+        parallel.launch(["--epochs", 1], nproc=2, threads=3)
+    assert seen["command"][-3:] == ["mvtk.parallel", "--epochs", "1"] and seen["threads"] == "3"
 
 
 def test_rank_zero_saves_a_checkpoint_that_load_checkpoint_opens(alone, tmp_path):
