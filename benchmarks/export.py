@@ -4,7 +4,7 @@ One run trains the course's MLP and SmallCNN, exports both, and prints two table
 side by side: eager PyTorch vs ONNX Runtime (fp32) at batch 1 and 256, and ONNX Runtime int8
 (`quantize_dynamic` on MatMul/Gemm) vs fp32: file size, test accuracy, latency. Both engines use
 2 threads; each latency is the median of REPEATS calls, timed in 3 alternating blocks per engine, each
-block after WARMUP untimed calls (mvtk.timing.median_latencies).
+block after WARMUP untimed calls (mvtk.export.engine_latencies).
 Exits 1 if the target is missed. Run: `.venv/bin/python benchmarks/export.py`.
 """
 from __future__ import annotations
@@ -21,7 +21,6 @@ from mvtk import export
 from mvtk.data import make_loaders
 from mvtk.env import seed_everything
 from mvtk.models import MLP, SmallCNN
-from mvtk.timing import median_latencies
 from mvtk.train import fit
 
 THREADS = 2
@@ -48,16 +47,8 @@ def accuracy(session, test) -> float:
 
 def timed(model, sessions: dict, batch: int, sample_shape) -> dict[str, float]:
     """Median seconds per call of eager PyTorch and each ONNX session on one random batch."""
-    images = torch.rand(batch, *sample_shape)
-    array = images.numpy()
-
-    def eager():
-        with torch.inference_mode():
-            model(images)
-
-    runners = {"eager": eager} | {label: (lambda s=s: export.run_onnx(s, array)) for label, s in sessions.items()}
-    times = median_latencies(list(runners.values()), repeats=REPEATS[batch], warmup=WARMUP)
-    return dict(zip(runners, times))
+    return export.engine_latencies(torch.rand(batch, *sample_shape), models={"eager": model}, sessions=sessions,
+                                   repeats=REPEATS[batch], warmup=WARMUP)
 
 
 def main() -> int:

@@ -22,10 +22,10 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from mvtk.env import DEFAULT_THREADS
+from mvtk.compress import copy_model  # a deepcopy that copes with pruned, trained layers (Lesson 06)
 from mvtk.errors import ExportError, InputShapeError, InvalidArgumentError, check_positive_int
 from mvtk.files import atomic_write, write_bytes_atomic
-from mvtk.timing import median_latencies, median_latency  # noqa: F401  (export.median_latency: Lesson 07 §1)
+from mvtk.timing import median_latencies
 
 INPUT_NAME = "images"    # the graph's input and output names, as a deployment reads them
 OUTPUT_NAME = "logits"
@@ -67,8 +67,9 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
     Lesson 07, §2. The model itself is not changed. `example` is one batch of input; with
     `dynamic_batch` the graph accepts any batch size. `external_data=True` writes the weights to
     `<path>.data` beside the graph (torch's default layout, needed above 2 GB); False writes one
-    self-contained file. Files are written atomically and the result passes `onnx.checker`.
-    The exporter's per-node Python stack traces are dropped: they hold absolute paths of the
+    self-contained file. `opset` picks the ONNX operator-set version (None: the exporter's default).
+    Files are written atomically and the result passes `onnx.checker`; a model the exporter cannot
+    capture raises ExportError. The exporter's per-node Python stack traces are dropped: they hold absolute paths of the
     exporting machine, so without them the same model gives the same bytes wherever it is exported.
     """
     _check_module(model)
@@ -97,12 +98,12 @@ def drop_source_traces(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _to_onnx_program(model: nn.Module, example: torch.Tensor, dynamic_batch: bool, opset: int | None):
-    cpu_model = copy.deepcopy(model).cpu().eval()
     example = example.detach().cpu()
     if dynamic_batch and example.shape[0] == 1:
         example = example.repeat(2, *[1] * (example.dim() - 1))  # a batch of 1 would be specialised to 1
     dynamic_shapes = ({0: torch.export.Dim(BATCH_DIM)},) if dynamic_batch else None
     try:
+        cpu_model = cpu_eval_copy(model)
         return torch.onnx.export(cpu_model, (example,), dynamo=True, verbose=False, opset_version=opset,
                                  input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                  dynamic_shapes=dynamic_shapes)
@@ -213,8 +214,13 @@ def _value_info(value: onnx.ValueInfoProto) -> tuple[str, tuple, str]:
 # -- §3 running with ONNX Runtime --------------------------------------------------------------------------
 
 
-def load_session(path: str | os.PathLike, *, threads: int = DEFAULT_THREADS) -> ort.InferenceSession:
-    """An ONNX Runtime CPU session for a saved model, using `threads` threads like torch (Lesson 07, §3)."""
+def load_session(path: str | os.PathLike, *, threads: int | None = None) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session for a saved model with `threads` intra-op threads (Lesson 07, §3).
+
+    None (the default) uses torch's current thread count, `torch.get_num_threads()`, so the two
+    engines are timed on equal terms.
+    """
+    threads = torch.get_num_threads() if threads is None else threads
     check_positive_int(threads, "threads")
     path = Path(path)
     if not path.is_file():
@@ -250,7 +256,7 @@ def check_parity(model: nn.Module, session: ort.InferenceSession, images: torch.
     convolutions would differ by more than atol).
     """
     _check_module(model)
-    expected = predict_logits(copy.deepcopy(model).cpu(), images).numpy()
+    expected = predict_logits(cpu_eval_copy(model), images).numpy()
     actual = run_onnx(session, images)
     if actual.shape != expected.shape:
         raise ExportError(f"ONNX output has shape {actual.shape}, PyTorch's has {expected.shape}")
@@ -282,23 +288,50 @@ def compare_latency(model: nn.Module, session: ort.InferenceSession, input_shape
     """Time eager PyTorch (a CPU copy, inference_mode) against ONNX Runtime per batch size (Lesson 07, §4).
 
     `input_shape` is one sample's shape, e.g. (1, 16, 16); inputs are random, made on the CPU; the two
-    engines are timed in alternating blocks (see median_latencies); `budget_s` is per batch size.
+    engines are timed in alternating blocks (see engine_latencies); `budget_s` is per batch size.
     """
     _check_module(model)
-    eager = copy.deepcopy(model).cpu().eval()
-    rows = []
     for batch in batch_sizes:
         check_positive_int(batch, "batch size")
-        images = torch.rand(batch, *input_shape)
-        array = images.numpy()
-
-        def run_eager():
-            with torch.inference_mode():
-                eager(images)
-
-        eager_s, onnx_s = median_latencies([run_eager, lambda: run_onnx(session, array)], budget_s=budget_s)
-        rows.append(Latency(batch, eager_s, onnx_s))
+    eager = cpu_eval_copy(model)
+    rows = []
+    for batch in batch_sizes:
+        times = engine_latencies(torch.rand(batch, *input_shape), models={"eager": eager},
+                                 sessions={"onnx": session}, budget_s=budget_s)
+        rows.append(Latency(batch, times["eager"], times["onnx"]))
     return rows
+
+
+def engine_latencies(images: torch.Tensor, *, models: dict[str, nn.Module] | None = None,
+                     sessions: dict[str, ort.InferenceSession] | None = None, repeats: int | None = None,
+                     warmup: int = 2, budget_s: float = 0.5) -> dict[str, float]:
+    """Median seconds per call on `images` of each eager model and each ONNX Runtime session (Lesson 07, §4-§5).
+
+    Models run as eval-mode CPU copies under torch.inference_mode, sessions on the same values as a
+    numpy array; all are timed in alternating warmed-up blocks (mvtk.timing.median_latencies), so a
+    change in machine load hits every engine alike. Returns label -> seconds, models first.
+    """
+    images = _check_tensor(images, "images").detach().cpu()
+    models, sessions = dict(models or {}), dict(sessions or {})
+    if not models and not sessions or set(models) & set(sessions):
+        raise InvalidArgumentError(f"give at least one model or session, each under its own label; got models "
+                                   f"{sorted(models)} and sessions {sorted(sessions)}")
+    array = images.numpy()
+    runners = {}
+    for label, model in models.items():
+        _check_module(model)
+        runners[label] = _eager_runner(cpu_eval_copy(model), images)
+    for label, session in sessions.items():
+        runners[label] = lambda session=session: run_onnx(session, array)
+    times = median_latencies(list(runners.values()), repeats=repeats, warmup=warmup, budget_s=budget_s)
+    return dict(zip(runners, times))
+
+
+def _eager_runner(model: nn.Module, images: torch.Tensor) -> Callable[[], Any]:
+    def run():
+        with torch.inference_mode():
+            return model(images)
+    return run
 
 
 # -- §5 int8 for deployment -------------------------------------------------------------------------------
@@ -344,7 +377,7 @@ def save_exported(model: nn.Module, example: torch.Tensor, path: str | os.PathLi
         example = example.repeat(2, *[1] * (example.dim() - 1))
     dynamic_shapes = ({0: torch.export.Dim(BATCH_DIM)},) if dynamic_batch else None
     try:
-        program = torch.export.export(copy.deepcopy(model).cpu().eval(), (example,), dynamic_shapes=dynamic_shapes)
+        program = torch.export.export(cpu_eval_copy(model), (example,), dynamic_shapes=dynamic_shapes)
     except Exception as exc:
         raise ExportError(f"torch.export could not capture {type(model).__name__}: {_first_line(exc)}") from exc
     buffer = io.BytesIO()
@@ -379,8 +412,14 @@ class Predictor:
     """
 
     def __init__(self, onnx_path: str | os.PathLike, *, value_range: tuple[float, float] | None = (0.0, 1.0),
-                 threads: int = DEFAULT_THREADS, source: str | None = None):
-        if value_range is not None and (len(value_range) != 2 or not value_range[0] < value_range[1]):
+                 threads: int | None = None, source: str | None = None):
+        """Open `onnx_path` (checked, then loaded in an ONNX Runtime CPU session with `threads`, see load_session).
+
+        `value_range` is the (low, high) range of pixel values seen in training: a batch with values
+        outside it is refused; None turns that check off (for inputs that are not scaled images).
+        `source` names the model in messages and in repr, e.g. "digits-cnn v1"; default: the file name.
+        """
+        if value_range is not None and not _is_range(value_range):
             raise InvalidArgumentError(f"value_range must be (low, high) with low < high, or None, got {value_range!r}")
         self.path = Path(onnx_path)
         check_onnx(self.path)
@@ -402,17 +441,23 @@ class Predictor:
                       **kwargs) -> "Predictor":
         """Serve a registered version (by alias or number) as ONNX, exported once per SHA-256 (Lesson 07, §7).
 
-        The export goes to `cache_dir/<name>-v<version>-<sha256[:16]>.onnx` and is checked for parity
-        with the PyTorch weights; a later call for the same weights reuses the file.
+        The export goes to `cache_dir/<name>-v<version>-<sha256[:16]>.onnx` once it has been checked for
+        parity with the PyTorch weights (it is exported and checked under a staging name first, so a
+        file that fails the check never reaches the cache); a later call for the same weights reuses it.
+        `kwargs` go to Predictor (value_range, threads).
         """
         mv = registry.get(name, version=version, alias=None if version is not None else alias)
-        path = Path(cache_dir) / f"{mv.name}-v{mv.version}-{mv.sha256[:16]}.onnx"
+        cache = Path(cache_dir)
+        path = cache / f"{mv.name}-v{mv.version}-{mv.sha256[:16]}.onnx"
         if not path.is_file():
             model = registry.load_model(mv.name, version=mv.version)
             shape = tuple(input_shape) if input_shape is not None else sample_shape(model)
             example = torch.rand(2, *shape, generator=torch.Generator().manual_seed(0))
-            export_onnx(model, example, path)
-            check_parity(model, load_session(path), example)
+            cache.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=cache, prefix=".staging-") as staging:
+                staged = export_onnx(model, example, Path(staging) / path.name)
+                check_parity(model, load_session(staged), example)
+                os.replace(staged, path)  # one atomic rename: the cache holds checked files only
         return cls(path, source=f"{mv.name} v{mv.version}", **kwargs)
 
     def validate(self, images: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -462,6 +507,24 @@ def sample_shape(model: nn.Module) -> tuple[int, ...]:
 
 
 # -- argument checks ----------------------------------------------------------------------------------------
+
+
+def cpu_eval_copy(model: nn.Module) -> nn.Module:
+    """An eval-mode CPU copy of `model`; the model itself is not changed (Lesson 07, §2-§4).
+
+    Uses Lesson 06's copy, which also copes with a pruned model that has taken a training step.
+    """
+    _check_module(model)
+    return copy_model(model).cpu().eval()
+
+
+def _is_range(value) -> bool:
+    try:
+        low, high = value
+    except (TypeError, ValueError):
+        return False
+    numbers = all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in (low, high))
+    return numbers and bool(low < high)
 
 
 def _check_module(model) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mvtk.errors import InvalidArgumentError, MonitorError
+from mvtk.errors import InvalidArgumentError, MonitorError, check_positive_int
 from mvtk.files import atomic_write
 
 HISTOGRAMS_EVERY = 10  # epochs between histogram writes: each costs ~0.3 ms per parameter, scalars far less
@@ -46,8 +46,7 @@ class MetricLogger:
 
     def update(self, n: int, **values) -> None:
         """Record one batch of `n` samples: each value is a float or a one-element tensor (Lesson 08, §1)."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise MonitorError(f"n must be the batch size, a positive int, got {n!r}")
+        check_positive_int(n, "n (the batch size)")
         if not values:
             raise MonitorError("update() needs at least one value, e.g. logger.update(len(labels), loss=loss)")
         if self._sizes and set(values) != set(self._pending):
@@ -147,31 +146,12 @@ class LivePlot:
         return None
 
 
-def chain(*callbacks: Callable) -> Callable:
-    """One on_epoch_end callback that calls each of `callbacks`; it stops training if any asks to (Lesson 08, §2)."""
-    for callback in callbacks:
-        if not callable(callback):
-            raise InvalidArgumentError(f"every callback must be callable, got {type(callback).__name__}")
-
-    def on_epoch_end(epoch, history):
-        stops = [bool(callback(epoch, history)) for callback in callbacks]
-        return any(stops)
-    return on_epoch_end
-
-
 # §3 TensorBoard ----------------------------------------------------------------------------------
 
 def log_scalars(writer, values: dict[str, float], step: int) -> None:
-    """Write several scalars for one step as a single event: one record, one checksum (Lesson 08, §3).
-
-    TensorBoard reads them exactly as if each had been written with `writer.add_scalar`.
-    """
-    from tensorboard.compat.proto.summary_pb2 import Summary
-
-    if not values:
-        return
-    summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(value)) for tag, value in values.items()])
-    writer._get_file_writer().add_summary(summary, step)  # what add_scalar does, for many values at once
+    """Write several scalars (tag -> number or one-element tensor) for one step with `writer.add_scalar` (Lesson 08, §3)."""
+    for tag, value in values.items():
+        writer.add_scalar(tag, float(value), step)
 
 
 def history_scalars(history) -> dict[str, float]:
@@ -288,16 +268,12 @@ class DeadReLUTracker:
         return record
 
     def fractions(self) -> dict[str, float]:
-        """The fraction of dead units per ReLU since the last reset (Lesson 08, §4)."""
+        """The fraction of dead units per ReLU over every input seen so far (Lesson 08, §4)."""
         if not self._alive:
             raise MonitorError("no forward pass was seen yet: run the model on some inputs first")
         calls = {name: max(c for n, c in self._alive if n == name) for name, _ in self._alive}
         return {(name if calls[name] == 1 else f"{name}#{call}"): 1.0 - float(alive.float().mean())
                 for (name, call), alive in self._alive.items()}
-
-    def reset(self) -> None:
-        """Forget the inputs seen so far: count dead units afresh (Lesson 08, §4)."""
-        self._alive.clear()
 
     def remove(self) -> None:
         """Remove the hooks; the model is as it was before (Lesson 08, §4)."""
@@ -358,7 +334,7 @@ class OperatorTime(NamedTuple):
     total_ms: float
 
 
-def profile_steps(step: Callable[[], object], steps: int = 5, warmup: int = 1, record_shapes: bool = False):
+def profile_steps(step: Callable[[], object], steps: int = 5, warmup: int = 1):
     """Run `step()` warmup + steps times under torch.profiler, recording the last `steps` (Lesson 08, §5)."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
@@ -367,8 +343,7 @@ def profile_steps(step: Callable[[], object], steps: int = 5, warmup: int = 1, r
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise InvalidArgumentError(f"warmup must be an int >= 0, got {warmup!r}")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities, schedule=schedule(wait=0, warmup=warmup, active=steps, repeat=1),
-                 record_shapes=record_shapes) as prof:
+    with profile(activities=activities, schedule=schedule(wait=0, warmup=warmup, active=steps, repeat=1)) as prof:
         for _ in range(warmup + steps):
             step()
             prof.step()
@@ -404,8 +379,11 @@ class Predictions(NamedTuple):
 
 
 def predict(model: nn.Module, loader) -> Predictions:
-    """Run `model` in eval mode over `loader`, without gradients; the model's mode is restored (Lesson 08, §6)."""
-    device = next(_check_model(model).parameters()).device
+    """Run `model` in eval mode over `loader`, without gradients; the model's mode is restored (Lesson 08, §6).
+
+    Inputs go to the device of the model's parameters (the CPU for a model without any).
+    """
+    device = next(iter(_check_model(model).parameters()), torch.empty(0)).device
     was_training = model.training
     model.eval()
     labels, probs = [], []
@@ -423,13 +401,22 @@ def predict(model: nn.Module, loader) -> Predictions:
 
 
 def confusion_matrix(labels, predicted, num_classes: int) -> np.ndarray:
-    """Counts[true, predicted] over `num_classes` classes, by scikit-learn (Lesson 08, §6)."""
+    """Counts[true, predicted] over `num_classes` classes, by scikit-learn (Lesson 08, §6).
+
+    Raises MonitorError for a label or prediction outside 0..num_classes-1 (scikit-learn would drop it silently).
+    """
     from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
+    check_positive_int(num_classes, "num_classes")
     labels, predicted = np.asarray(labels).ravel(), np.asarray(predicted).ravel()
     if len(labels) == 0 or len(labels) != len(predicted):
         raise MonitorError(f"labels and predictions must be non-empty and of equal length, "
                            f"got {len(labels)} and {len(predicted)}")
+    for name, values in (("labels", labels), ("predictions", predicted)):
+        valid = np.isin(values, np.arange(num_classes))
+        if not valid.all():
+            raise MonitorError(f"{name} must be class indices 0..{num_classes - 1} (num_classes={num_classes}), "
+                               f"got {values[~valid][0].item()!r}")
     return sk_confusion_matrix(labels, predicted, labels=list(range(num_classes)))
 
 
@@ -576,10 +563,6 @@ class DriftMonitor:
         self.cuts = [np.unique(np.quantile(column, quantiles, method="lower")) for column in self.reference.T]
         self.expected = [self._shares(column, cuts) for column, cuts in zip(self.reference.T, self.cuts)]
 
-    @property
-    def num_features(self) -> int:
-        return self.reference.shape[1]
-
     def _shares(self, column: np.ndarray, cuts: np.ndarray) -> np.ndarray:
         # Bin 2i+1 holds values equal to cut i, bin 2i the values strictly between cuts i-1 and i.
         index = np.searchsorted(cuts, column, side="left") + np.searchsorted(cuts, column, side="right")
@@ -606,16 +589,15 @@ def psi(reference, live, bins: int = PSI_BINS) -> np.ndarray:
 
 
 def ks_statistic(reference, live) -> np.ndarray:
-    """The two-sample Kolmogorov-Smirnov statistic per feature: the largest gap between the CDFs (Lesson 08, §7)."""
+    """The two-sample Kolmogorov-Smirnov statistic per feature: the largest gap between the CDFs (Lesson 08, §7).
+
+    SciPy's `scipy.stats.ks_2samp`, feature by feature (axis 0), after the same input checks as DriftMonitor.
+    """
+    from scipy.stats import ks_2samp
+
     reference = as_features(reference, "reference")
     live = _check_same_features(reference, as_features(live, "live batch"))
-    stats = []
-    for ref, cur in zip(np.sort(reference, axis=0).T, np.sort(live, axis=0).T):
-        points = np.concatenate([ref, cur])
-        ref_cdf = np.searchsorted(ref, points, side="right") / len(ref)
-        cur_cdf = np.searchsorted(cur, points, side="right") / len(cur)
-        stats.append(float(np.abs(ref_cdf - cur_cdf).max()))
-    return np.array(stats)
+    return np.asarray(ks_2samp(reference, live, axis=0, method="asymp").statistic, dtype=np.float64)
 
 
 def _check_same_features(reference: np.ndarray, live: np.ndarray) -> np.ndarray:
@@ -625,8 +607,8 @@ def _check_same_features(reference: np.ndarray, live: np.ndarray) -> np.ndarray:
     return live
 
 
-def plot_drift(reports: dict[str, DriftReport], image_shape: tuple[int, int] | None = None):
-    """Per-feature PSI of each report (images if `image_shape` is given), overall PSI vs threshold (Lesson 08, §7)."""
+def plot_drift(reports: dict[str, DriftReport], image_shape: tuple[int, int]):
+    """Per-pixel PSI of each report as an `image_shape` heat map, and overall PSI vs threshold (Lesson 08, §7)."""
     import matplotlib.pyplot as plt
 
     if not reports:
@@ -634,15 +616,10 @@ def plot_drift(reports: dict[str, DriftReport], image_shape: tuple[int, int] | N
     fig, axes = plt.subplots(1, len(reports) + 1, figsize=(3.2 * (len(reports) + 1), 3))
     vmax = max(float(r.psi.max()) for r in reports.values()) or 1.0
     for ax, (name, report) in zip(axes, reports.items()):
-        if image_shape is not None:
-            shown = ax.imshow(report.psi.reshape(image_shape), cmap="magma", vmin=0, vmax=vmax)
-            ax.set_xticks([]), ax.set_yticks([])
-        else:
-            shown = None
-            ax.bar(range(len(report.psi)), report.psi)
-        ax.set_title(f"{name}: PSI per feature")
-    if image_shape is not None:
-        fig.colorbar(shown, ax=axes[:-1].tolist(), shrink=0.8)
+        shown = ax.imshow(report.psi.reshape(image_shape), cmap="magma", vmin=0, vmax=vmax)
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.set_title(f"{name}: PSI per pixel")
+    fig.colorbar(shown, ax=axes[:-1].tolist(), shrink=0.8)
     names, overall = list(reports), [r.overall for r in reports.values()]
     colors = ["tab:red" if r.alarm else "tab:green" for r in reports.values()]
     axes[-1].bar(names, overall, color=colors)

@@ -238,3 +238,57 @@ def test_predictor_serves_the_version_the_alias_points_to(tmp_path):
     images = torch.rand(5, *SHAPES["mlp"])
     assert predictor.source == "digits-mlp v2" and v2.sha256[:16] in predictor.path.name
     assert (predictor.predict(images).labels == export.predict_logits(new, images).argmax(dim=1).numpy()).all()
+
+
+def test_a_parity_failure_leaves_nothing_in_the_cache(tmp_path, monkeypatch):
+    registry = Registry(tmp_path / "registry")
+    registry.register("digits-mlp", make_model("mlp"))
+    registry.set_alias("digits-mlp", "production", 1)
+
+    def disagree(*args, **kwargs):
+        raise ExportError("ONNX Runtime and PyTorch disagree")
+
+    monkeypatch.setattr(export, "check_parity", disagree)
+    with pytest.raises(ExportError, match="disagree"):
+        export.Predictor.from_registry(registry, "digits-mlp", cache_dir=tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []  # no cached file, no staging folder
+    monkeypatch.undo()
+    predictor = export.Predictor.from_registry(registry, "digits-mlp", cache_dir=tmp_path / "cache")
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [predictor.path.name]
+
+
+def test_a_pruned_model_that_has_taken_a_training_step_exports(tmp_path):
+    from mvtk import compress
+
+    model = compress.prune_global(make_model("mlp").train(), 0.5)
+    images = torch.rand(4, *SHAPES["mlp"])
+    torch.nn.functional.cross_entropy(model(images), torch.zeros(4, dtype=torch.long)).backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    path = export.export_onnx(model, images, tmp_path / "pruned.onnx")
+    assert export.check_parity(model, export.load_session(path), images).agreement == 1.0
+
+
+def test_load_session_uses_torchs_thread_count_by_default(exported):
+    session = export.load_session(exported["mlp"][1])
+    assert session.get_session_options().intra_op_num_threads == torch.get_num_threads()
+    assert export.load_session(exported["mlp"][1], threads=1).get_session_options().intra_op_num_threads == 1
+
+
+def test_engine_latencies_times_models_and_sessions_under_their_labels(exported):
+    model, path = exported["mlp"]
+    times = export.engine_latencies(torch.rand(2, *SHAPES["mlp"]), models={"eager": model},
+                                    sessions={"fp32": export.load_session(path)}, repeats=3, warmup=1)
+    assert list(times) == ["eager", "fp32"] and all(t > 0 for t in times.values())
+
+
+def test_engine_latencies_rejects_a_label_used_twice(exported):
+    model, path = exported["mlp"]
+    with pytest.raises(InvalidArgumentError, match="its own label"):
+        export.engine_latencies(torch.rand(2, *SHAPES["mlp"]), models={"x": model},
+                                sessions={"x": export.load_session(path)})
+
+
+@pytest.mark.parametrize("value_range", [5, (1.0, 0.0), ("a", "b"), (0.0, 0.5, 1.0)])
+def test_predictor_rejects_a_value_range_that_is_not_low_high(served, value_range):
+    with pytest.raises(InvalidArgumentError, match="value_range must be"):
+        export.Predictor(served[2].path, value_range=value_range)

@@ -71,16 +71,23 @@ def test_logger_does_not_keep_the_autograd_graph():
     weight = torch.ones((), requires_grad=True)
     logger = monitor.MetricLogger()
     logger.update(1, loss=weight * 2)
-    assert logger.end_epoch()["loss"] == 2.0 and not logger.batches["loss"][0] is weight
+    logger.update(1, loss=weight * 3)
+    pending = logger._pending["loss"]
+    assert all(not value.requires_grad and value.grad_fn is None for value in pending)  # no graph kept alive
+    assert logger.end_epoch()["loss"] == 2.5 and logger.batches["loss"] == [2.0, 3.0]
+
+
+def test_logger_rejects_a_batch_size_that_is_not_a_positive_int():
+    with pytest.raises(InvalidArgumentError, match=r"n \(the batch size\) must be a positive int, got 0"):
+        monitor.MetricLogger().update(0, loss=1.0)
 
 
 @pytest.mark.parametrize("call", [
-    lambda log: log.update(0, loss=1.0),
     lambda log: log.update(4),
     lambda log: log.update(4, loss=torch.ones(3)),
     lambda log: log.update(4, loss="low"),
     lambda log: log.end_epoch(),
-], ids=["zero-batch", "no-values", "vector", "string", "empty-epoch"])
+], ids=["no-values", "vector", "string", "empty-epoch"])
 def test_logger_rejects_bad_input_with_a_monitor_error(call):
     with pytest.raises(MonitorError):
         call(monitor.MetricLogger())
@@ -109,13 +116,6 @@ def test_live_plot_every_n_epochs_skips_the_others():
     assert live.draws == 1
 
 
-def test_chain_calls_every_callback_and_stops_if_any_asks():
-    seen = []
-    callback = monitor.chain(lambda e, h: seen.append(("a", e)), lambda e, h: e >= 2)
-    assert callback(1, None) is False and callback(2, None) is True
-    assert seen == [("a", 1), ("a", 2)]
-
-
 def test_plot_history_needs_epochs():
     with pytest.raises(MonitorError):
         monitor.plot_history(History())
@@ -132,7 +132,7 @@ def test_training_monitor_scalars_read_back_equal_the_history(trained):
     assert {"loss/train", "lr", "grad_norm/fc1.weight", "weight_norm/fc2.bias"} <= set(scalars)
 
 
-def test_scalars_written_as_one_event_read_back_tag_by_tag(tmp_path):
+def test_log_scalars_read_back_tag_by_tag(tmp_path):
     with SummaryWriter(tmp_path) as writer:
         monitor.log_scalars(writer, {"a": 1.5, "b/c": torch.tensor(2.0)}, step=3)
         monitor.log_scalars(writer, {"a": 0.5}, step=4)
@@ -271,8 +271,23 @@ def test_predict_returns_probabilities_and_restores_the_mode(model, loader):
 
 
 def test_confusion_matrix_rejects_mismatched_lengths():
-    with pytest.raises(MonitorError):
+    with pytest.raises(MonitorError, match="equal length, got 2 and 1"):
         monitor.confusion_matrix([0, 1], [0], num_classes=2)
+
+
+@pytest.mark.parametrize("labels, predicted, match", [
+    ([0, 1, 3], [0, 1, 1], r"labels must be class indices 0\.\.2 \(num_classes=3\), got 3"),
+    ([0, 1, 2], [0, -1, 1], r"predictions must be class indices 0\.\.2 \(num_classes=3\), got -1"),
+])
+def test_confusion_matrix_refuses_classes_outside_the_range(labels, predicted, match):
+    with pytest.raises(MonitorError, match=match):
+        monitor.confusion_matrix(labels, predicted, num_classes=3)
+
+
+def test_predict_runs_a_model_without_parameters_on_the_cpu():
+    images = torch.rand(4, 3)
+    result = monitor.predict(nn.Identity(), [(images, torch.zeros(4, dtype=torch.long))])
+    assert torch.allclose(result.probabilities, torch.softmax(images, dim=1))
 
 
 # §7 production: predictions and drift
@@ -320,6 +335,7 @@ def test_ks_statistic_is_zero_for_the_same_sample_and_one_for_disjoint_ones():
     values = np.arange(10.0)
     assert monitor.ks_statistic(values, values).tolist() == [0.0]
     assert monitor.ks_statistic(values, values + 100).tolist() == [1.0]
+    assert monitor.ks_statistic([[0.0], [1.0], [2.0], [3.0]], [[2.0], [3.0], [4.0], [5.0]]).tolist() == [0.5]
 
 
 @pytest.mark.parametrize("live,match", [
@@ -349,31 +365,32 @@ def test_drift_monitor_rejects_an_empty_reference():
     lambda: monitor.TrainingMonitor(MLP(), histograms_every=-1),
     lambda: monitor.TrainingMonitor(MLP()).series("loss"),
     lambda: monitor.LivePlot(every=0),
-    lambda: monitor.chain(lambda e, h: None, "not callable"),
     lambda: monitor.PredictionLog(low_confidence=1.5),
     lambda: monitor.PredictionLog().observe("not callable", np.ones((1, 2)) / 2),
     lambda: monitor.DriftMonitor(np.zeros((200, 2)), bins=1),
     lambda: monitor.DriftMonitor(np.zeros((200, 2)), threshold=0),
     lambda: monitor.DriftMonitor(np.zeros((200, 2)), min_samples=0),
 ], ids=["gradient_norms", "weight_norms", "dead-relu", "training-monitor", "predict", "histograms_every",
-        "series-kind", "live-every", "chain", "low_confidence", "observe", "bins", "threshold", "min_samples"])
+        "series-kind", "live-every", "low_confidence", "observe", "bins", "threshold", "min_samples"])
 def test_bad_arguments_raise_invalid_argument_error(call):
     with pytest.raises(InvalidArgumentError):
         call()
 
 
-@pytest.mark.parametrize("call", [
-    lambda: monitor.per_class_accuracy(np.ones((2, 3))),
-    lambda: monitor.top_operators(None, sort_by="memory"),
-    lambda: monitor.DriftMonitor(np.zeros((50, 2))),
-    lambda: monitor.psi(np.zeros((200, 3)), np.zeros((10, 2))),
-    lambda: monitor.ks_statistic(np.zeros((5, 3)), np.zeros((5, 2))),
-    lambda: monitor.plot_drift({}),
-    lambda: monitor.as_features("abc"),
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: monitor.per_class_accuracy(np.ones((2, 3))), MonitorError, r"must be square, got shape \(2, 3\)"),
+    (lambda: monitor.top_operators(None, sort_by="memory"), InvalidArgumentError, "sort_by must be"),
+    (lambda: monitor.DriftMonitor(np.zeros((50, 2))), MonitorError, "reference has 50 samples, expected at least 100"),
+    (lambda: monitor.psi(np.zeros((200, 3)), np.zeros((10, 2))), MonitorError,
+     "live batch has 2 features per sample, the reference has 3"),
+    (lambda: monitor.ks_statistic(np.zeros((5, 3)), np.zeros((5, 2))), MonitorError,
+     "live batch has 2 features per sample, the reference has 3"),
+    (lambda: monitor.plot_drift({}, (8, 8)), MonitorError, "at least one report"),
+    (lambda: monitor.as_features("abc"), MonitorError, "data must be numbers"),
 ], ids=["non-square-matrix", "sort_by", "small-reference", "psi-features", "ks-features", "no-reports",
         "not-numbers"])
-def test_bad_monitoring_input_raises_a_clear_error(call):
-    with pytest.raises((MonitorError, InvalidArgumentError)):
+def test_bad_monitoring_input_raises_a_clear_error(call, error, match):
+    with pytest.raises(error, match=match):
         call()
 
 
