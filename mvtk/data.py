@@ -13,12 +13,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from mvtk.errors import DatasetError, InvalidArgumentError
+from mvtk.errors import DatasetError, InvalidArgumentError, check_positive_int
 
 DATASETS = ("digits", "mnist")
 SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)  # train, val, test
-NUM_CLASSES = 10
+NUM_CLASSES = 10  # the digits 0-9, in both data sets; the models' default output size
 
 
 class ImageDataset(Dataset):
@@ -84,7 +84,14 @@ def load_mnist_tensors(root: str | os.PathLike, size: int = 28, train: bool = Tr
 
 
 def resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize a batch of images to size x size with torchvision's antialiased resize (Lesson 02, §2)."""
+    """Resize a batch of images (N x C x H x W) to size x size with torchvision's antialiased resize.
+
+    Used through `load_dataset(size=16)`, the CNN's input (Lesson 07, §0).
+    """
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise InvalidArgumentError(f"images must be a tensor of shape (N, C, H, W), got {shape}")
+    _check_size(size)
     if images.shape[-1] == size and images.shape[-2] == size:
         return images
     return v2.Resize((size, size), antialias=True)(images)
@@ -95,10 +102,7 @@ def split_indices(n: int, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: 
     """A deterministic shuffled split of range(n) into train/val/test by `fractions` (Lesson 02, §1)."""
     if isinstance(n, bool) or not isinstance(n, int) or n < len(SPLITS):
         raise InvalidArgumentError(f"n must be an int >= {len(SPLITS)}, got {n!r}")
-    fractions = _check_fractions(fractions)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_train, n_val = int(round(fractions[0] * n)), int(round(fractions[1] * n))
-    return {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
+    return dict(zip(SPLITS, _shuffled_split(n, _check_fractions(fractions), seed)))
 
 
 def load_dataset(name: str = "digits", split: str = "train", *, size: int = 8,
@@ -123,11 +127,10 @@ def load_dataset(name: str = "digits", split: str = "train", *, size: int = 8,
         images, labels = load_mnist_tensors(root, size, train=split != "test")
         if split == "test":
             index = torch.arange(len(labels))
-        else:
+        else:  # MNIST's training set split into train and val in the ratio of the first two fractions
             train_share = fractions[0] / (fractions[0] + fractions[1])
-            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
-            n_train = int(round(train_share * len(labels)))
-            index = order[:n_train] if split == "train" else order[n_train:]
+            train_index, val_index = _shuffled_split(len(labels), (train_share, 1.0 - train_share), seed)
+            index = train_index if split == "train" else val_index
     return ImageDataset(images[index], labels[index], transform=transform)
 
 
@@ -138,10 +141,8 @@ def make_loaders(name: str = "digits", *, size: int = 8, batch_size: int = 32, s
 
     `train_transform` (augmentation) applies to the training split only.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InvalidArgumentError(f"batch_size must be a positive int, got {batch_size!r}")
-    if isinstance(eval_batch_size, bool) or not isinstance(eval_batch_size, int) or eval_batch_size < 1:
-        raise InvalidArgumentError(f"eval_batch_size must be a positive int, got {eval_batch_size!r}")
+    check_positive_int(batch_size, "batch_size")
+    check_positive_int(eval_batch_size, "eval_batch_size")
     common = dict(name=name, size=size, fractions=fractions, seed=seed, root=root)
     train = load_dataset(split="train", transform=train_transform, **common)
     generator = torch.Generator().manual_seed(seed)  # the shuffle order, saved in checkpoints (Lesson 03)
@@ -160,6 +161,19 @@ def fingerprint(dataset: ImageDataset) -> str:
     digest.update(dataset.images.contiguous().numpy().tobytes())
     digest.update(dataset.labels.contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def _shuffled_split(n: int, fractions: Sequence[float], seed: int) -> list[torch.Tensor]:
+    """range(n) shuffled by `seed` and cut into consecutive parts by `fractions`; the last part takes the rest."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InvalidArgumentError(f"seed must be a non-negative int, got {seed!r}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    parts, start = [], 0
+    for fraction in fractions[:-1]:
+        stop = start + int(round(fraction * n))
+        parts.append(order[start:stop])
+        start = stop
+    return parts + [order[start:]]
 
 
 def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:

@@ -24,7 +24,7 @@ DEFAULT_THREADS = 1
 MIN_TORCH = (2, 10)            # older releases have weights_only CVEs
 DEVICE_ENV_VAR = "MVTK_DEVICE"  # set to "cpu" to force the CPU (make notebooks does)
 COURSE_PACKAGES = ("torch", "torchvision", "numpy", "scikit-learn", "safetensors", "onnx",
-                   "onnxscript", "onnxruntime", "torchao", "tensorboard", "cryptography",
+                   "onnxscript", "onnxruntime", "torchao", "tensorboard", "cryptography", "scipy",
                    "matplotlib", "ipywidgets", "jupyterlab")
 
 
@@ -32,7 +32,7 @@ def seed_everything(seed: int = 0, *, deterministic: bool = True,
                     threads: int | None = DEFAULT_THREADS) -> None:
     """Seed python, numpy and torch (all devices), pick deterministic kernels, fix the thread count.
 
-    Lesson 00, §3. `threads=None` leaves torch's thread count as it is.
+    Lesson 00, §4. `threads=None` leaves torch's thread count as it is.
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise InvalidArgumentError(f"seed must be an int in [0, 2**32), got {seed!r}")
@@ -55,7 +55,7 @@ def seed_everything(seed: int = 0, *, deterministic: bool = True,
 def pick_device(prefer: str | None = None) -> torch.device:
     """Choose the device once: `prefer`, else $MVTK_DEVICE, else CUDA, then MPS, then CPU.
 
-    Lesson 00, §2. Asking for a device this machine lacks raises DeviceUnavailableError.
+    Lesson 00, §3. Asking for a device this machine lacks raises DeviceUnavailableError.
     """
     choice = prefer if prefer is not None else os.environ.get(DEVICE_ENV_VAR, "auto")
     if not isinstance(choice, str):
@@ -79,7 +79,7 @@ def pick_device(prefer: str | None = None) -> torch.device:
 
 
 def available_devices() -> list[str]:
-    """The kinds of device torch can use here, CPU always last (Lesson 00, §2)."""
+    """The kinds of device torch can use here, CPU always last (Lesson 00, §3)."""
     kinds = []
     if torch.cuda.is_available():
         kinds.append("cuda")
@@ -89,7 +89,7 @@ def available_devices() -> list[str]:
 
 
 def versions() -> dict[str, str]:
-    """Python, platform and the course's packages with their installed versions (Lesson 00, §1)."""
+    """Python, platform and the course's packages with their installed versions (Lesson 00, §2)."""
     report = {"python": platform.python_version(), "platform": platform.platform(terse=True)}
     for name in COURSE_PACKAGES:
         try:
@@ -101,8 +101,11 @@ def versions() -> dict[str, str]:
     return report
 
 
-def check_torch_version(version: str | None = None) -> None:
-    """Raise if torch is older than the course needs (2.10: safe `weights_only` loading) (Lesson 00, §1)."""
+def check_torch_version(version: str | None = None) -> tuple[int, int]:
+    """Raise if torch is older than MIN_TORCH (2.10: safe `weights_only` loading); else return (major, minor).
+
+    Lesson 00, §2. `version` defaults to the installed torch.
+    """
     text = version if version is not None else torch.__version__
     try:
         major, minor = (int(part) for part in text.split("+")[0].split(".")[:2])
@@ -112,10 +115,11 @@ def check_torch_version(version: str | None = None) -> None:
         raise InvalidArgumentError(
             f"torch {text} is too old: the course needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]} "
             "(older releases can run code while loading a checkpoint); run `make lab` to refresh .venv")
+    return major, minor
 
 
 def run_dir(lesson: str, root: str | os.PathLike = "runs", fresh: bool = True) -> Path:
-    """The folder a lesson writes to, `runs/<lesson>` (git-ignored); emptied first when `fresh` (Lesson 00, §4)."""
+    """The folder a lesson writes to, `runs/<lesson>` (git-ignored); emptied first when `fresh` (Lesson 00, §5)."""
     if not isinstance(lesson, str) or not lesson or any(sep in lesson for sep in "/\\") or lesson in (".", ".."):
         raise InvalidArgumentError(f"lesson must be a plain folder name such as '03_save_load', got {lesson!r}")
     path = Path(root) / lesson

@@ -14,11 +14,11 @@ class MvtkError(Exception):
 
 
 class InvalidArgumentError(MvtkError, ValueError):
-    """An argument has the wrong type or value (Lesson 00, §3)."""
+    """An argument has the wrong type or value (Lesson 00, §2)."""
 
 
 class DeviceUnavailableError(MvtkError, RuntimeError):
-    """A device was asked for that this machine does not have (Lesson 00, §2)."""
+    """A device was asked for that this machine does not have (Lesson 00, §3)."""
 
 
 class DatasetError(MvtkError, ValueError):
@@ -26,7 +26,7 @@ class DatasetError(MvtkError, ValueError):
 
 
 class InputShapeError(MvtkError, ValueError):
-    """A model received input of the wrong shape, dtype or values (Lesson 01, §5)."""
+    """A model received input of the wrong shape, dtype or values (Lesson 01, §6)."""
 
 
 class CheckpointError(MvtkError):
@@ -72,24 +72,24 @@ def check_positive_int(value, name: str, error: type[MvtkError] = InvalidArgumen
 
 
 @contextlib.contextmanager
-def expect_error(expected: type[BaseException] | tuple[type[BaseException], ...] = Exception,
+def expect_error(expected: type[BaseException] | tuple[type[BaseException], ...],
                  match: str | None = None) -> Iterator[None]:
     """Run code that must fail: print the exception's type and message, and raise if it does not fail.
 
     Lets a lesson show an error on purpose while "Run All" still reaches the last cell
-    (Lesson 00, §3; used throughout Lesson 09). A different exception type propagates.
+    (Lesson 00, §2; used throughout Lesson 09). `expected` is required, so a check passes
+    only on the failure it names; a different exception type propagates.
     """
+    types = expected if isinstance(expected, tuple) else (expected,)
+    if not types or not all(isinstance(t, type) and issubclass(t, BaseException) for t in types):
+        raise InvalidArgumentError(f"expected must be an exception class or a tuple of them, got {expected!r}")
     try:
         yield
     except expected as exc:  # the failure the lesson wants to show
-        message = str(exc).strip().splitlines()
-        first = message[0] if message else ""
         if match is not None and match not in str(exc):
             raise AssertionError(
                 f"expected a {_names(expected)} whose message contains {match!r}, got: {exc}") from exc
-        print(f"{type(exc).__name__}: {first}")
-        if len(message) > 1:
-            print("\n".join(message[1:]))
+        print(f"{type(exc).__name__}: {str(exc).strip()}")
     else:
         raise AssertionError(f"expected {_names(expected)} to be raised, but the code ran without error")
 

@@ -10,15 +10,14 @@ from typing import Callable
 import torch
 from torch import nn
 
+from mvtk.data import NUM_CLASSES
 from mvtk.errors import InputShapeError, InvalidArgumentError, check_positive_int
-
-NUM_CLASSES = 10
 
 
 class MLP(nn.Module):
     """A one-hidden-layer perceptron: flatten -> Linear(in, hidden) -> ReLU -> Linear(hidden, classes).
 
-    Lesson 01, §4. Input: (N, 1, 8, 8) digits, or anything with `in_features` values per sample.
+    Lesson 01, §5. Input: (N, 1, 8, 8) digits, or anything with `in_features` values per sample.
     """
 
     def __init__(self, in_features: int = 64, hidden: int = 128, num_classes: int = NUM_CLASSES):
@@ -37,7 +36,7 @@ class MLP(nn.Module):
 
 
 class MLPv2(nn.Module):
-    """Version 2 of the MLP: wider, two hidden layers, dropout after each (Lesson 01, §4; Lesson 04)."""
+    """Version 2 of the MLP: wider, two hidden layers, dropout after each (Lesson 01, §5; Lesson 04)."""
 
     def __init__(self, in_features: int = 64, hidden: int = 256, num_classes: int = NUM_CLASSES,
                  dropout: float = 0.2):
@@ -64,7 +63,7 @@ class MLPv2(nn.Module):
 class SmallCNN(nn.Module):
     """Two 3x3 convolutions, a 2x2 max-pool and two linear layers, for 1 x 16 x 16 digits.
 
-    Lesson 01, §5. The flatten size is computed from `input_size`, never hard-coded.
+    Lesson 01, §6. The flatten size is computed from `input_size`, never hard-coded.
     """
 
     def __init__(self, in_channels: int = 1, input_size: int = 16, num_classes: int = NUM_CLASSES,
@@ -100,7 +99,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "mlp_v2": MLPv2, "cnn
 
 
 def build_model(name: str, **kwargs) -> nn.Module:
-    """A course model by name ('mlp', 'mlp_v2', 'cnn'); kwargs go to its constructor (Lesson 01, §4)."""
+    """A course model by name ('mlp', 'mlp_v2', 'cnn'); kwargs go to its constructor (Lesson 05, §4; Lesson 06, §1)."""
     if name not in MODELS:
         raise InvalidArgumentError(f"unknown model {name!r}; expected one of {sorted(MODELS)}")
     return MODELS[name](**kwargs)
@@ -114,13 +113,25 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 
 
 def flatten_size(features: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """How many values `features` outputs per sample for one input of `input_shape` (Lesson 01, §5)."""
-    with torch.no_grad():
-        return int(features(torch.zeros(1, *input_shape)).numel())
+    """How many values `features` outputs per sample for one input of `input_shape` (Lesson 01, §6).
+
+    `input_shape` is one sample's shape, without the batch dimension, e.g. (1, 16, 16).
+    """
+    if not isinstance(features, nn.Module):
+        raise InvalidArgumentError(f"features must be a torch.nn.Module, got {type(features).__name__}")
+    if (not isinstance(input_shape, tuple) or not input_shape
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape)):
+        raise InvalidArgumentError(
+            f"input_shape must be a tuple of positive ints without the batch dimension, got {input_shape!r}")
+    try:
+        with torch.no_grad():
+            return int(features(torch.zeros(1, *input_shape)).numel())
+    except RuntimeError as exc:
+        raise InputShapeError(f"features cannot take one input of shape {input_shape}: {exc}") from exc
 
 
 def layer_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[str, str, tuple[int, ...]]]:
-    """(name, layer type, output shape) for every leaf layer, from one forward pass (Lesson 01, §5).
+    """(name, layer type, output shape) for every leaf layer, from one forward pass (Lesson 01, §5, §6).
 
     `input_shape` includes the batch dimension, e.g. (1, 1, 16, 16).
     """

@@ -12,6 +12,7 @@ from pathlib import Path
 import nbformat
 
 from mvtk.errors import InvalidArgumentError
+from mvtk.files import atomic_write
 
 SOLUTION_TAG = "solution"
 PLACEHOLDER = "# YOUR TURN: write your solution here, then compare with the teacher's copy.\n"
@@ -42,9 +43,8 @@ def write_student_copies(source: str | Path, target: str | Path) -> list[Path]:
     written = []
     for path in notebooks:
         out = target / path.name
-        tmp = out.with_suffix(".ipynb.tmp")
-        nbformat.write(student_copy(nbformat.read(path, as_version=4)), tmp)
-        tmp.replace(out)  # atomic: a reader never sees half a notebook
+        with atomic_write(out) as tmp:  # a reader never sees half a notebook
+            nbformat.write(student_copy(nbformat.read(path, as_version=4)), tmp)
         written.append(out)
     return written
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, NamedTuple
 
 import torch
@@ -21,7 +21,7 @@ DEFAULT_LR = 3e-3  # Adam's learning rate when fit() makes the optimizer; right 
 
 @dataclass
 class History:
-    """Per-epoch metrics of a training run, as plain lists (so checkpoints can hold it) (Lesson 02, §6)."""
+    """Per-epoch metrics of a training run, as plain lists (so checkpoints can hold it) (Lesson 02, §5)."""
     train_loss: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
     val_acc: list[float] = field(default_factory=list)
@@ -43,9 +43,12 @@ class History:
 
     @classmethod
     def from_dict(cls, data: dict) -> "History":
-        unknown = set(data) - {"train_loss", "val_loss", "val_acc", "lr"}
+        expected = [f.name for f in fields(cls)]
+        if not isinstance(data, dict):
+            raise InvalidArgumentError(f"history must be a dict with keys {expected}, got {type(data).__name__}")
+        unknown = set(data) - set(expected)
         if unknown:
-            raise InvalidArgumentError(f"history has unknown keys {sorted(unknown)}")
+            raise InvalidArgumentError(f"history has unknown keys {sorted(unknown)}; expected keys among {expected}")
         return cls(**{key: [float(v) for v in values] for key, values in data.items()})
 
 
@@ -59,6 +62,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
                     loss_fn: Callable = nn.functional.cross_entropy,
                     device: torch.device | str | None = None) -> float:
     """One pass over `loader` with gradient steps; returns the mean training loss per sample (Lesson 02, §5)."""
+    if not isinstance(model, nn.Module):
+        raise InvalidArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     device = _model_device(model) if device is None else torch.device(device)
     model.train()
     total, count = 0.0, 0
@@ -113,7 +118,11 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, *, e
     - `optimizer` defaults to Adam(lr=DEFAULT_LR); `scheduler` steps once per epoch.
     - `patience`: stop early after that many epochs without a lower validation loss;
       `restore_best` then puts back the weights of the best epoch.
-    - `history`: continue an earlier run (resuming, Lesson 03); epochs are counted on from it.
+    - `history`: continue an earlier run (resuming, Lesson 03); epochs are counted on from it, and
+      early stopping goes on from it too (its best validation loss, the epochs waited since), so a
+      resumed run stops where an uninterrupted one would. Only this call's weights are in memory:
+      `restore_best` restores the best epoch only if that epoch is in this call; if an earlier
+      epoch stays the best, the model keeps its last weights (load that epoch's checkpoint instead).
     - `on_epoch_end(epoch, history)`: called after each epoch (1-based); returning True stops.
     """
     if not isinstance(model, nn.Module):
@@ -125,9 +134,14 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, *, e
     device = _model_device(model) if device is None else torch.device(device)
     optimizer = optimizer if optimizer is not None else torch.optim.Adam(model.parameters(), lr=DEFAULT_LR)
     history = history if history is not None else History()
-    best_loss, best_state, waited = math.inf, None, 0
+    # Early stopping state, carried on from the history when resuming.
+    best_loss = min(history.val_loss, default=math.inf)
+    waited = len(history.val_loss) - history.best_epoch if history.val_loss else 0
+    best_state = None  # the best weights seen in this call (earlier calls' weights are not in memory)
     bar = tqdm(range(epochs), desc="epochs", disable=not progress)
     for _ in bar:
+        if patience is not None and waited >= patience:
+            break  # no lower validation loss for `patience` epochs
         lr = optimizer.param_groups[0]["lr"]
         train_loss = train_one_epoch(model, train_loader, optimizer, loss_fn, device)
         val = evaluate(model, val_loader, loss_fn, device)
@@ -143,8 +157,6 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, *, e
         else:
             waited += 1
         if on_epoch_end is not None and on_epoch_end(history.epochs, history):
-            break
-        if patience is not None and waited >= patience:
             break
     bar.close()
     if restore_best and best_state is not None:

@@ -1,9 +1,11 @@
 """Lesson 02's data claims: the digits load offline, split the same way every time, and bad input is named."""
+import struct
+
 import pytest
 import torch
 from torchvision.transforms import v2
 
-from mvtk.data import (ImageDataset, fingerprint, load_dataset, load_digits_tensors, make_loaders,
+from mvtk.data import (ImageDataset, fingerprint, load_dataset, load_digits_tensors, make_loaders, resize,
                        split_indices)
 from mvtk.errors import DatasetError, InvalidArgumentError
 
@@ -104,3 +106,62 @@ def test_fingerprint_changes_with_the_data():
     assert fingerprint(train) != fingerprint(test)
     with pytest.raises(InvalidArgumentError, match="ImageDataset"):
         fingerprint([1, 2, 3])
+
+
+def write_fake_mnist(root, n_train=20, n_test=6, side=28):
+    """A tiny MNIST copy in torchvision's layout: root/MNIST/raw/*-ubyte, big-endian IDX files."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = (torch.arange(n * side * side) % 256).to(torch.uint8).reshape(n, side, side)
+        labels = (torch.arange(n) % 10).to(torch.uint8)
+        header = struct.pack(">IIII", 0x0803, n, side, side)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(header + images.numpy().tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x0801, n) + labels.numpy().tobytes())
+
+
+def test_a_local_mnist_folder_is_read_and_split(tmp_path):
+    write_fake_mnist(tmp_path)
+    train, val, test = (load_dataset("mnist", split, root=tmp_path, size=16) for split in ("train", "val", "test"))
+    assert (len(train), len(val), len(test)) == (16, 4, 6)  # MNIST's 20 training images split 0.7 : 0.15
+    image, label = train[0]
+    assert image.shape == (1, 16, 16) and label.dtype == torch.int64 and 0.0 <= image.min() <= image.max() <= 1.0
+    assert test.labels.tolist() == [0, 1, 2, 3, 4, 5]
+    together = sorted(train.labels.tolist() + val.labels.tolist())
+    assert together == sorted(i % 10 for i in range(20))  # train and val split MNIST's training set, no overlap
+    again = load_dataset("mnist", "val", root=tmp_path, size=16)
+    assert torch.equal(again.images, val.images)
+
+
+def test_mnist_loaders_keep_the_full_resolution_by_default(tmp_path):
+    write_fake_mnist(tmp_path)
+    loaders = make_loaders("mnist", root=tmp_path, size=28, batch_size=4)
+    assert next(iter(loaders.train))[0].shape == (4, 1, 28, 28)
+
+
+@pytest.mark.parametrize("images", [torch.zeros(8, 8), torch.zeros(1, 8, 8), [[0.0]]])
+def test_resize_refuses_anything_but_a_batch_of_images(images):
+    with pytest.raises(InvalidArgumentError, match=r"images must be a tensor of shape \(N, C, H, W\)"):
+        resize(images, 16)
+
+
+@pytest.mark.parametrize("size", [0, 65, 16.0])
+def test_resize_refuses_a_bad_size(size):
+    with pytest.raises(InvalidArgumentError, match="size"):
+        resize(torch.zeros(2, 1, 8, 8), size)
+
+
+def test_resize_changes_only_the_last_two_dimensions():
+    assert resize(torch.rand(2, 1, 8, 8), 16).shape == (2, 1, 16, 16)
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, "0", True])
+def test_bad_split_seed_is_refused(seed):
+    with pytest.raises(InvalidArgumentError, match="seed"):
+        split_indices(100, seed=seed)
+
+
+@pytest.mark.parametrize("eval_batch_size", [0, -1, 2.5, True])
+def test_bad_eval_batch_size_is_refused(eval_batch_size):
+    with pytest.raises(InvalidArgumentError, match="eval_batch_size"):
+        make_loaders(eval_batch_size=eval_batch_size)

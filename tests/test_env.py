@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from mvtk.env import (DEFAULT_THREADS, available_devices, check_torch_version, pick_device, run_dir, seed_everything,
+from mvtk.env import (DEFAULT_THREADS, MIN_TORCH, available_devices, check_torch_version, pick_device, run_dir, seed_everything,
                       versions)
 from mvtk.errors import DeviceUnavailableError, InvalidArgumentError
 
@@ -102,3 +102,8 @@ def test_run_dir_is_fresh_and_relative(tmp_path):
 def test_run_dir_refuses_paths_that_leave_runs(name, tmp_path):
     with pytest.raises(InvalidArgumentError, match="lesson"):
         run_dir(name, root=tmp_path)
+
+
+def test_check_torch_version_returns_the_parsed_version():
+    assert check_torch_version("2.14.1+cu130") == (2, 14)
+    assert check_torch_version() >= MIN_TORCH

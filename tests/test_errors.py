@@ -36,3 +36,16 @@ def test_match_checks_the_message():
 
 def test_mvtk_errors_are_also_builtin_errors():
     assert issubclass(InvalidArgumentError, ValueError) and issubclass(InvalidArgumentError, MvtkError)
+
+
+def test_the_expected_exception_must_be_named():
+    with pytest.raises(TypeError):
+        with expect_error():  # a check that passes on any error proves nothing
+            raise ValueError("anything")
+
+
+@pytest.mark.parametrize("expected", [(), "ValueError", ValueError("x"), (ValueError, int)])
+def test_expected_must_be_exception_classes(expected):
+    with pytest.raises(InvalidArgumentError, match="expected must be an exception class"):
+        with expect_error(expected):
+            raise ValueError("x")

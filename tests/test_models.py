@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from mvtk.errors import InputShapeError, InvalidArgumentError
-from mvtk.models import MLP, MLPv2, SmallCNN, build_model, count_parameters, layer_shapes
+from mvtk.models import MLP, MLPv2, SmallCNN, build_model, count_parameters, flatten_size, layer_shapes
 
 
 def test_mlp_maps_digits_to_ten_logits():
@@ -85,3 +85,24 @@ def test_count_parameters_refuses_non_modules():
 def test_layer_shapes_needs_a_batch_shape():
     with pytest.raises(InvalidArgumentError, match="input_shape"):
         layer_shapes(MLP(), [1, 64])
+
+
+def test_flatten_size_counts_the_features_of_one_sample():
+    features = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.MaxPool2d(2))
+    assert flatten_size(features, (1, 16, 16)) == 4 * 8 * 8
+
+
+@pytest.mark.parametrize("features, input_shape, match", [
+    (lambda x: x, (1, 16, 16), "features must be a torch.nn.Module"),
+    (torch.nn.Flatten(), [1, 16, 16], "input_shape must be a tuple"),
+    (torch.nn.Flatten(), (), "input_shape must be a tuple"),
+    (torch.nn.Flatten(), (1, 0, 16), "input_shape must be a tuple"),
+])
+def test_flatten_size_refuses_bad_input(features, input_shape, match):
+    with pytest.raises(InvalidArgumentError, match=match):
+        flatten_size(features, input_shape)
+
+
+def test_flatten_size_names_an_input_shape_the_features_cannot_take():
+    with pytest.raises(InputShapeError, match=r"cannot take one input of shape \(3, 16, 16\)"):
+        flatten_size(torch.nn.Conv2d(1, 4, 3), (3, 16, 16))

@@ -79,3 +79,21 @@ def test_lesson_has_recipes_exercises_and_solutions(notebook):
     assert tagged(nb, "solution"), f"{path.name}: no cell tagged 'solution'"
     assert any("exercise" in c.source.lower() for c in nb.cells if c.cell_type == "markdown"), (
         f"{path.name}: no exercises section")
+
+
+README = NOTEBOOK_DIR.parent / "README.md"
+README_ROW = re.compile(r"^\|\s*\d\d\s*\|\s*\[`(\d\d_[a-z0-9_]+)\.ipynb`\].*\|\s*~\s*(\d+)\s*s\s*\|\s*$", re.MULTILINE)
+FIRST_CELL_TIME = re.compile(r"run time\W*(?:about|~)\s*(\d+)\s*s\b", re.IGNORECASE)
+
+
+def test_readme_run_times_agree_with_each_notebooks_first_cell():
+    readme = dict((name, int(seconds)) for name, seconds in README_ROW.findall(README.read_text(encoding="utf-8")))
+    assert set(readme) == {p.stem for p in NOTEBOOKS}, "README's learning-path table must list every notebook"
+    stated = {}
+    for path in NOTEBOOKS:
+        found = FIRST_CELL_TIME.search(read(path).cells[0].source)
+        assert found, f"{path.name}: the first cell does not state 'run time: about N s'"
+        stated[path.stem] = int(found.group(1))
+    disagree = {name: f"README ~{readme[name]} s, notebook about {stated[name]} s"
+                for name in stated if readme[name] != stated[name]}
+    assert not disagree, f"run times disagree: {disagree}"

@@ -6,7 +6,7 @@ from mvtk.data import make_loaders
 from mvtk.env import seed_everything
 from mvtk.errors import InvalidArgumentError
 from mvtk.models import MLP, MLPv2
-from mvtk.train import History, evaluate, fit
+from mvtk.train import History, evaluate, fit, train_one_epoch
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +98,65 @@ def test_empty_loader_is_named(loaders):
     empty = torch.utils.data.DataLoader([], batch_size=4)
     with pytest.raises(InvalidArgumentError, match="evaluation loader yielded no batches"):
         evaluate(MLP(), empty)
+
+
+def diverging_run(loaders, **kwargs):
+    """An MLP under SGD at lr 5.0: validation loss stops improving after a few epochs, so early stopping triggers."""
+    seed_everything(0)
+    loaders.train.generator.manual_seed(0)
+    model = MLP()
+    return model, torch.optim.SGD(model.parameters(), lr=5.0)
+
+
+def test_a_resumed_run_stops_early_where_an_uninterrupted_run_does(loaders):
+    model, optimizer = diverging_run(loaders)
+    whole = fit(model, loaders.train, loaders.val, epochs=30, optimizer=optimizer, patience=3, progress=False)
+    assert whole.best_epoch < whole.epochs < 30
+    split = whole.best_epoch + 1  # interrupted one epoch after the best: one epoch of patience already used
+    model, optimizer = diverging_run(loaders)
+    resumed = fit(model, loaders.train, loaders.val, epochs=split, optimizer=optimizer, patience=3, progress=False)
+    fit(model, loaders.train, loaders.val, epochs=30 - split, optimizer=optimizer, patience=3, history=resumed,
+        progress=False)
+    assert resumed == whole and resumed.best_epoch == whole.best_epoch
+
+
+def test_resuming_a_run_whose_patience_ran_out_trains_no_further(loaders):
+    model, optimizer = diverging_run(loaders)
+    history = fit(model, loaders.train, loaders.val, epochs=30, optimizer=optimizer, patience=2, progress=False)
+    stopped = history.epochs
+    fit(model, loaders.train, loaders.val, epochs=5, optimizer=optimizer, patience=2, history=history, progress=False)
+    assert history.epochs == stopped
+
+
+def test_restore_best_on_resume_never_restores_a_worse_epoch(loaders):
+    model, optimizer = diverging_run(loaders)
+    history = fit(model, loaders.train, loaders.val, epochs=30, optimizer=optimizer, patience=3, progress=False)
+    best, split = history.best_epoch, history.best_epoch + 1
+    model, optimizer = diverging_run(loaders)
+    history = fit(model, loaders.train, loaders.val, epochs=split, optimizer=optimizer, progress=False)
+    fit(model, loaders.train, loaders.val, epochs=30, optimizer=optimizer, patience=3, restore_best=True,
+        history=history, progress=False)
+    assert history.best_epoch == best  # the best epoch was before this call: its weights are not in memory,
+    assert evaluate(model, loaders.val).loss == pytest.approx(history.val_loss[-1], rel=1e-5)  # so the last stay
+
+
+def test_train_one_epoch_refuses_something_that_is_not_a_model(loaders):
+    with pytest.raises(InvalidArgumentError, match="torch.nn.Module"):
+        train_one_epoch(lambda x: x, loaders.train, torch.optim.SGD(MLP().parameters(), lr=0.1))
+
+
+def test_train_one_epoch_names_an_empty_loader():
+    model = MLP()
+    empty = torch.utils.data.DataLoader([], batch_size=4)
+    with pytest.raises(InvalidArgumentError, match="training loader yielded no batches"):
+        train_one_epoch(model, empty, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+@pytest.mark.parametrize("data, match", [
+    ({"train_loss": [0.5], "val_los": [0.4]}, r"unknown keys \['val_los'\]; expected keys among "
+                                              r"\['train_loss', 'val_loss', 'val_acc', 'lr'\]"),
+    ([0.5, 0.4], "history must be a dict with keys"),
+])
+def test_history_from_dict_lists_the_expected_keys(data, match):
+    with pytest.raises(InvalidArgumentError, match=match):
+        History.from_dict(data)
