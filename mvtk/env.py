@@ -8,7 +8,9 @@ import importlib.metadata
 import os
 import platform
 import random
+import re
 import shutil
+import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -132,3 +134,20 @@ def run_dir(lesson: str, root: str | os.PathLike = "runs", fresh: bool = True) -
 def utc_now() -> str:
     """The current time as ISO 8601 in UTC, to the second: what checkpoints and the registry record."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+GIT_TIMEOUT_S = 2.0  # how long git_commit waits for git
+
+
+def git_commit() -> str | None:
+    """The current folder's git commit, or None without git or a repository (2 s timeout) (Lesson 03, §5).
+
+    Not cached: a commit made between two saves is recorded by the second.
+    """
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=GIT_TIMEOUT_S, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = result.stdout.strip()
+    return commit if re.fullmatch(r"[0-9a-f]{40,64}", commit) else None

@@ -6,6 +6,8 @@ was expected, so a learner can fix it without reading a traceback. Used by every
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 from typing import Iterator
 
 
@@ -65,10 +67,58 @@ class MonitorError(MvtkError, ValueError):
     """Monitoring input is unusable: empty batches, mismatched feature counts (Lesson 08)."""
 
 
-def check_positive_int(value, name: str, error: type[MvtkError] = InvalidArgumentError) -> None:
-    """Raise `error` naming `name` unless `value` is an int >= 1 (bool is refused); used by every module."""
+# --- argument checks shared by every module: one place, one wording -------------------------
+
+def check_int(value, name: str, *, low: int | None = None, high: int | None = None,
+              error: type[MvtkError] = InvalidArgumentError) -> int:
+    """Return `value` if it is an int (not a bool) in [low, high]; else raise `error` naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low) or (
+            high is not None and value > high):
+        raise error(f"{name} must be an int{_range(low, high)}, got {value!r}")
+    return value
+
+
+def check_positive_int(value, name: str, error: type[MvtkError] = InvalidArgumentError) -> int:
+    """Return `value` if it is an int >= 1 (bool is refused); else raise `error` naming `name`."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise error(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def check_number(value, name: str, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, error: type[MvtkError] = InvalidArgumentError) -> float:
+    """Return `value` as a float if it is a finite real number (not a bool) in range; else raise `error`.
+
+    The range is [low, high], or (low, high] with `low_open=True`.
+    """
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        bounds = _range(low, high, low_open)
+        raise error(f"{name} must be a number{bounds}, got {value!r}")
+    return float(value)
+
+
+def check_module(value, name: str = "model", error: type[MvtkError] = InvalidArgumentError):
+    """Return `value` if it is a torch.nn.Module; else raise `error` naming `name` and the type it got."""
+    from torch import nn  # here: errors is the lowest module and stays cheap to import
+
+    if not isinstance(value, nn.Module):
+        raise error(f"{name} must be a torch.nn.Module, got {type(value).__name__}")
+    return value
+
+
+def _range(low, high, low_open: bool = False) -> str:
+    if low is not None and high is not None:
+        return f" in {'(' if low_open else '['}{low}, {high}]"
+    if low is not None:
+        return f" {'>' if low_open else '>='} {low}"
+    if high is not None:
+        return f" <= {high}"
+    return ""
 
 
 @contextlib.contextmanager

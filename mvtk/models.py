@@ -5,13 +5,18 @@ in checkpoints (Lesson 03) and registry diffs (Lesson 04).
 """
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+import copy
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.nn.utils import prune
 
-from mvtk.data import NUM_CLASSES
-from mvtk.errors import InputShapeError, InvalidArgumentError, check_positive_int
+from mvtk.errors import InputShapeError, InvalidArgumentError, check_module, check_positive_int
+
+NUM_CLASSES = 10  # the digits data set's classes (mvtk.data.NUM_CLASSES; a test keeps the two equal)
 
 
 class MLP(nn.Module):
@@ -166,3 +171,56 @@ def _check_features(x: torch.Tensor, expected: int, model_name: str) -> None:
 def _check_positive(**values) -> None:
     for name, value in values.items():
         check_positive_int(value, name)
+
+
+# -- utilities for any nn.Module, used by every later lesson -------------------------------------------------
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of `model`'s first parameter or buffer; the CPU for a model that has neither (Lesson 01, §3)."""
+    for tensor in (*check_module(model).parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put `model` in eval mode for the block, then give every submodule back its own train/eval flag (Lesson 01, §3)."""
+    modes = [(module, module.training) for module in check_module(model).modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside an nn.DataParallel / DistributedDataParallel wrapper, else `model` (Lesson 05, §3)."""
+    while isinstance(check_module(model), (nn.DataParallel, DistributedDataParallel)):
+        model = model.module
+    return model
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` that also works for a pruned model after a training step (Lessons 06 and 07).
+
+    A pruned layer's `weight` is recomputed each forward; after a training step it is part of an
+    autograd graph, which deepcopy refuses. It is recomputed without gradients first.
+    """
+    with torch.no_grad():
+        for module in check_module(model).modules():
+            for hook in module._forward_pre_hooks.values():
+                if isinstance(hook, prune.BasePruningMethod):
+                    setattr(module, hook._tensor_name, hook.apply_mask(module))
+    return copy.deepcopy(model)
+
+
+def sample_shape(model: nn.Module) -> tuple[int, ...]:
+    """One input sample's shape for a course model: SmallCNN's input_shape, or (1, s, s) for an MLP (Lesson 07, §7)."""
+    if hasattr(check_module(model), "input_shape"):
+        return tuple(model.input_shape)
+    features = getattr(model, "in_features", None)
+    side = int(round(features ** 0.5)) if isinstance(features, int) else 0
+    if side * side != features:
+        raise InvalidArgumentError(f"cannot tell the input shape of {type(model).__name__}; pass input_shape=(C, H, W)")
+    return (1, side, side)

@@ -1,0 +1,51 @@
+"""Fixtures every test folder shares: the repository root, small seeded models, a planted pickle."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+import torch
+
+from mvtk.env import seed_everything
+from mvtk.models import MLP
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository: pyproject.toml, mvtk/, notebooks/
+
+
+class Plant:
+    """A pickle that runs code when loaded: it creates `marker` (the attack weights_only=True refuses)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').close()",))
+
+
+def planted_bytes(marker: Path, payload: dict | None = None) -> bytes:
+    """torch.save bytes of `payload` (a dict) with a Plant inside: loading them without weights_only creates `marker`."""
+    buffer = io.BytesIO()
+    torch.save({**(payload or {}), "plant": Plant(marker)}, buffer)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return ROOT
+
+
+@pytest.fixture
+def mlp() -> MLP:
+    """A small MLP (hidden 16) with seeded weights, on one CPU thread."""
+    seed_everything(0, threads=1)
+    return MLP(hidden=16)
+
+
+@pytest.fixture
+def planted(tmp_path):
+    """(path of a torch file that runs code if unpickled unsafely, path of the marker that code would create)."""
+    marker = tmp_path / "planted-code-ran"
+    path = tmp_path / "planted.pt"
+    path.write_bytes(planted_bytes(marker))
+    return path, marker
