@@ -26,14 +26,14 @@ lab: $(STAMP)  ## open JupyterLab on the course
 test: $(STAMP)  ## unit tests, lint/recipe/student tests, every notebook under nbval, browser tests
 	$(PYTEST) -n 2 --dist loadscope $(NBVAL) tests notebooks
 
-unit: $(STAMP)  ## the unit tests only (fast)
-	$(PYTEST) -n 2 --dist loadscope tests --ignore=tests/e2e
+unit: $(STAMP)  ## the unit tests only (fast), browser-free checks of tests/e2e included
+	$(PYTEST) -n 2 --dist loadscope -m "not e2e" tests
 
 nbval: $(STAMP)  ## the notebooks under nbval only; NOTEBOOKS=notebooks/03_save_load.ipynb for one
 	$(PYTEST) -n 2 --dist loadscope $(NBVAL) $(NOTEBOOKS)
 
 e2e: $(STAMP)  ## browser tests only: every notebook run in JupyterLab in headless Chromium, and `make lab`
-	$(PYTEST) tests/e2e
+	$(PYTEST) -m e2e tests/e2e
 
 notebooks: $(STAMP)  ## re-execute notebooks in place, fresh kernel, on the CPU
 	MVTK_DEVICE=cpu CUDA_VISIBLE_DEVICES= $(BIN)/jupyter nbconvert --to notebook --execute --inplace \

@@ -7,7 +7,6 @@ Run: `.venv/bin/python benchmarks/compress.py` (about a minute on a 2-core CPU).
 """
 from __future__ import annotations
 
-import copy
 import sys
 import tempfile
 
@@ -17,7 +16,7 @@ from torch import nn
 from mvtk import compress
 from mvtk.data import make_loaders
 from mvtk.env import seed_everything
-from mvtk.models import build_model
+from mvtk.models import build_model, copy_model
 from mvtk.train import fit
 
 REPEATS, WARMUP = 50, 3
@@ -40,15 +39,15 @@ def fine_tune(model: nn.Module, loaders, epochs: int = 3) -> nn.Module:
 
 def variants(baseline: nn.Module, loaders) -> dict[str, nn.Module]:
     """Every model the lesson measures, built the way the notebook builds it."""
-    pruned = fine_tune(compress.prune_global(copy.deepcopy(baseline), 0.9), loaders)
-    slim = copy.deepcopy(baseline)
+    pruned = fine_tune(compress.prune_global(copy_model(baseline), 0.9), loaders)
+    slim = copy_model(baseline)
     compress.prune_neurons(slim, "fc1", 0.5)
     compress.prune_neurons(slim, "fc2", 0.5)
     fine_tune(slim, loaders)
     smaller = compress.drop_pruned_neurons(compress.drop_pruned_neurons(slim, "fc1", "fc2"), "fc2", "fc3")
     return {
         "fp32 baseline": baseline,
-        "pruned 90% (dense)": compress.make_permanent(copy.deepcopy(pruned)),
+        "pruned 90% (dense)": compress.make_permanent(copy_model(pruned)),
         "50% neurons removed": smaller,
         "float16": compress.cast(baseline, torch.float16),
         "bfloat16": compress.cast(baseline, torch.bfloat16),

@@ -8,7 +8,7 @@ baseline, timed in turns with it so both see the same machine load). Pruning wra
 """
 from __future__ import annotations
 
-import copy
+import contextlib
 import gzip
 import io
 import warnings
@@ -24,10 +24,19 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mvtk.data import ImageDataset
-from mvtk.errors import InvalidArgumentError, check_positive_int
+from mvtk.errors import InvalidArgumentError, check_int, check_number, check_positive_int
 from mvtk.files import write_bytes_atomic
+from mvtk.models import copy_model, eval_mode, model_device
 from mvtk.timing import median_latencies
-from mvtk.train import DEFAULT_LR, evaluate
+from mvtk.train import DEFAULT_LR, evaluate, train_step
+
+__all__ = [
+    "LATENCY_THREADS", "LATENCY_BATCHES", "LATENCY_ROUNDS", "PRUNABLE", "INT8_BACKENDS", "HALF_DTYPES",
+    "GZIP_LEVEL", "UNLABELLED", "Measurement", "measure", "saved_size", "latencies_ms", "report",
+    "plot_tradeoff", "on_cpu", "layer_values", "sparsity", "prune_layer", "prune_global", "prune_neurons",
+    "make_permanent", "drop_pruned_neurons", "cast", "quantize_int8", "save_compressed", "load_compressed",
+    "split_labelled", "distillation_loss", "distill",
+]
 
 LATENCY_THREADS = 1           # one thread: latency does not depend on what else keeps the other core busy
 LATENCY_BATCHES = (1, 256)    # one request, and a batch where matrix kernels dominate
@@ -107,18 +116,16 @@ def latencies_ms(models: Sequence[nn.Module], example_shape: tuple[int, ...], ba
     check_positive_int(threads, "threads")
     check_positive_int(repeats, "repeats")
     inputs = torch.rand(batch_size, *example_shape, generator=torch.Generator().manual_seed(0))
-    before, modes = torch.get_num_threads(), [m.training for m in models]
+    before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for m in models:
-            m.eval()
-        with torch.inference_mode():
+        with contextlib.ExitStack() as modes, torch.inference_mode():
+            for m in models:
+                modes.enter_context(eval_mode(m))
             seconds = median_latencies([lambda m=m: m(inputs) for m in models], repeats=repeats, warmup=warmup,
                                         rounds=LATENCY_ROUNDS)
     finally:
         torch.set_num_threads(before)
-        for m, was_training in zip(models, modes):
-            m.train(was_training)
     return [1000 * s for s in seconds]
 
 
@@ -331,8 +338,7 @@ def split_labelled(dataset: ImageDataset, n_labelled: int, seed: int = 0) -> tup
     """(the `n_labelled` examples that keep their label, the whole set with all other labels -1) (Lesson 06, §7)."""
     if not isinstance(dataset, ImageDataset):
         raise InvalidArgumentError(f"dataset must be an mvtk ImageDataset, got {type(dataset).__name__}")
-    if isinstance(n_labelled, bool) or not isinstance(n_labelled, int) or not 1 <= n_labelled <= len(dataset):
-        raise InvalidArgumentError(f"n_labelled must be an int in [1, {len(dataset)}], got {n_labelled!r}")
+    check_int(n_labelled, "n_labelled", low=1, high=len(dataset))
     chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n_labelled]
     hidden = torch.full_like(dataset.labels, UNLABELLED)
     hidden[chosen] = dataset.labels[chosen]
@@ -362,14 +368,14 @@ def distill(student: nn.Module, teacher: nn.Module, loader: DataLoader, *, epoch
 
     The teacher runs in eval mode (no dropout) under torch.no_grad, and only the student's
     parameters are in the optimizer, so the teacher never changes; its mode is restored after.
+    Each batch is one `mvtk.train.train_step` of the student with `distillation_loss`.
     """
     _check_distillation(temperature, alpha)
     check_positive_int(epochs, "epochs")
-    device = torch.device(device) if device is not None else next(student.parameters()).device
+    device = torch.device(device) if device is not None else model_device(student)
     optimizer = optimizer if optimizer is not None else torch.optim.Adam(student.parameters(), lr=DEFAULT_LR)
-    teacher_was_training, losses = teacher.training, []
-    teacher.eval()
-    try:
+    losses = []
+    with eval_mode(teacher):
         for _ in tqdm(range(epochs), desc="distill", disable=not progress):
             student.train()
             total, count = 0.0, 0
@@ -377,32 +383,24 @@ def distill(student: nn.Module, teacher: nn.Module, loader: DataLoader, *, epoch
                 inputs, labels = inputs.to(device), labels.to(device)
                 with torch.no_grad():  # the teacher's logits are targets, not something to train
                     teacher_logits = teacher(inputs)
-                loss = distillation_loss(student(inputs), teacher_logits, labels,
-                                         temperature=temperature, alpha=alpha)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
+                loss = train_step(student, inputs, labels, optimizer, lambda logits, targets: distillation_loss(
+                    logits, teacher_logits, targets, temperature=temperature, alpha=alpha))
                 total, count = total + loss.item() * len(labels), count + len(labels)
             if count == 0:
                 raise InvalidArgumentError("loader yields no batches: distill needs at least one batch to train on")
             losses.append(total / count)
-    finally:
-        teacher.train(teacher_was_training)
     return losses
 
 
 # --- checks -----------------------------------------------------------------------------------------
 
 def _check_amount(amount) -> None:
-    if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0.0 <= amount <= 1.0:
-        raise InvalidArgumentError(f"amount must be a fraction of weights in [0, 1], got {amount!r}")
+    check_number(amount, "amount", low=0, high=1, what="a fraction of weights")  # Lesson 06 prints this message
 
 
 def _check_distillation(temperature, alpha) -> None:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
-        raise InvalidArgumentError(f"temperature must be a positive number, got {temperature!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-        raise InvalidArgumentError(f"alpha must be a weight in [0, 1], got {alpha!r}")
+    check_number(temperature, "temperature", low=0, low_open=True)
+    check_number(alpha, "alpha", low=0, high=1, what="a weight")
 
 
 def _module(model: nn.Module, layer: str) -> nn.Module:
@@ -431,20 +429,6 @@ def _state_dict_bytes(model: nn.Module) -> bytes:
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     return buffer.getvalue()
-
-
-def copy_model(model: nn.Module) -> nn.Module:
-    """A deep copy of `model` that also works for a pruned model after a training step (Lessons 06 and 07).
-
-    A pruned layer's `weight` is recomputed each forward; after a training step it is part of an
-    autograd graph, which deepcopy refuses. It is recomputed without gradients first.
-    """
-    with torch.no_grad():
-        for module in model.modules():
-            for hook in module._forward_pre_hooks.values():
-                if isinstance(hook, prune.BasePruningMethod):
-                    setattr(module, hook._tensor_name, hook.apply_mask(module))
-    return copy.deepcopy(model)
 
 
 def _slug(name: str) -> str:

@@ -13,7 +13,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from mvtk.errors import DatasetError, InvalidArgumentError, check_positive_int
+from mvtk.errors import DatasetError, InvalidArgumentError, check_int, check_number, check_positive_int
+
+__all__ = [
+    "DATASETS", "SPLITS", "DEFAULT_FRACTIONS", "NUM_CLASSES", "ImageDataset", "Loaders", "load_digits_tensors",
+    "load_mnist_tensors", "resize", "split_indices", "load_dataset", "make_loaders", "fingerprint",
+]
 
 DATASETS = ("digits", "mnist")
 SPLITS = ("train", "val", "test")
@@ -70,7 +75,7 @@ def load_digits_tensors(size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
 
 def load_mnist_tensors(root: str | os.PathLike, size: int = 28, train: bool = True
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A local MNIST copy (torchvision's folder layout under `root`) as tensors; never downloads."""
+    """A local MNIST copy (torchvision's folder layout under `root`) as tensors; never downloads (Lesson 02, §1)."""
     from torchvision.datasets import MNIST
 
     _check_size(size)
@@ -100,8 +105,7 @@ def resize(images: torch.Tensor, size: int) -> torch.Tensor:
 def split_indices(n: int, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0
                   ) -> dict[str, torch.Tensor]:
     """A deterministic shuffled split of range(n) into train/val/test by `fractions` (Lesson 02, §1)."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < len(SPLITS):
-        raise InvalidArgumentError(f"n must be an int >= {len(SPLITS)}, got {n!r}")
+    check_int(n, "n", low=len(SPLITS))
     return dict(zip(SPLITS, _shuffled_split(n, _check_fractions(fractions), seed)))
 
 
@@ -165,8 +169,7 @@ def fingerprint(dataset: ImageDataset) -> str:
 
 def _shuffled_split(n: int, fractions: Sequence[float], seed: int) -> list[torch.Tensor]:
     """range(n) shuffled by `seed` and cut into consecutive parts by `fractions`; the last part takes the rest."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise InvalidArgumentError(f"seed must be a non-negative int, got {seed!r}")
+    check_int(seed, "seed", low=0)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     parts, start = [], 0
     for fraction in fractions[:-1]:
@@ -178,13 +181,14 @@ def _shuffled_split(n: int, fractions: Sequence[float], seed: int) -> list[torch
 
 def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
     fractions = tuple(fractions)
-    if len(fractions) != 3 or any(isinstance(f, bool) or not isinstance(f, (int, float)) or f <= 0 for f in fractions):
+    if len(fractions) != len(SPLITS):
         raise InvalidArgumentError(f"fractions must be three positive numbers (train, val, test), got {fractions!r}")
+    for index, (split, fraction) in enumerate(zip(SPLITS, fractions)):
+        check_number(fraction, f"fractions[{index}] ({split})", low=0, low_open=True)
     if abs(sum(fractions) - 1.0) > 1e-6:
         raise InvalidArgumentError(f"fractions must sum to 1, got {fractions!r} (sum {sum(fractions):.4f})")
     return fractions
 
 
 def _check_size(size: int) -> None:
-    if isinstance(size, bool) or not isinstance(size, int) or not 4 <= size <= 64:
-        raise InvalidArgumentError(f"size must be an int between 4 and 64 (pixels per side), got {size!r}")
+    check_int(size, "size (pixels per side)", low=4, high=64)

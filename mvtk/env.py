@@ -17,7 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mvtk.errors import DeviceUnavailableError, InvalidArgumentError
+from mvtk.errors import DeviceUnavailableError, InvalidArgumentError, check_int, check_positive_int
+
+__all__ = [
+    "DEFAULT_THREADS", "MIN_TORCH", "DEVICE_ENV_VAR", "COURSE_PACKAGES", "GIT_TIMEOUT_S",
+    "seed_everything", "pick_device", "available_devices", "versions", "check_torch_version", "run_dir",
+    "utc_now", "git_commit",
+]
 
 # One CPU thread: the course's models are too small to gain from more, results do not depend on the
 # machine's core count, and parallel test workers do not fight over cores (2 threads each ran ~20x
@@ -36,10 +42,9 @@ def seed_everything(seed: int = 0, *, deterministic: bool = True,
 
     Lesson 00, §4. `threads=None` leaves torch's thread count as it is.
     """
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-        raise InvalidArgumentError(f"seed must be an int in [0, 2**32), got {seed!r}")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise InvalidArgumentError(f"threads must be a positive int or None, got {threads!r}")
+    check_int(seed, "seed", low=0, high=2**32 - 1)
+    if threads is not None:
+        check_positive_int(threads, "threads (or None)")
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # seeds the CPU and every CUDA device
@@ -132,7 +137,7 @@ def run_dir(lesson: str, root: str | os.PathLike = "runs", fresh: bool = True) -
 
 
 def utc_now() -> str:
-    """The current time as ISO 8601 in UTC, to the second: what checkpoints and the registry record."""
+    """The current time as ISO 8601 in UTC, to the second: what checkpoints and the registry record (Lesson 03, §2)."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 

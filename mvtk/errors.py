@@ -10,6 +10,12 @@ import math
 import numbers
 from typing import Iterator
 
+__all__ = [
+    "MvtkError", "InvalidArgumentError", "DeviceUnavailableError", "DatasetError", "InputShapeError",
+    "CheckpointError", "IntegrityError", "SignatureError", "ArchitectureMismatchError", "DecryptionError", "RegistryError",
+    "NotFoundError", "ParallelError", "ExportError", "MonitorError",
+    "check_int", "check_positive_int", "check_number", "check_module", "expect_error",
+]
 
 class MvtkError(Exception):
     """Base class of every error mvtk raises on purpose."""
@@ -37,6 +43,10 @@ class CheckpointError(MvtkError):
 
 class IntegrityError(CheckpointError):
     """A file's SHA-256 checksum does not match the one recorded when it was saved (Lesson 03)."""
+
+
+class SignatureError(IntegrityError):
+    """A file's or version's Ed25519 signature is missing, or does not match the key it must come from (Lesson 03)."""
 
 
 class ArchitectureMismatchError(CheckpointError):
@@ -69,41 +79,44 @@ class MonitorError(MvtkError, ValueError):
 
 # --- argument checks shared by every module: one place, one wording -------------------------
 
-def check_int(value, name: str, *, low: int | None = None, high: int | None = None,
+def check_int(value, name: str, *, low: int | None = None, high: int | None = None, what: str = "an int",
               error: type[MvtkError] = InvalidArgumentError) -> int:
-    """Return `value` if it is an int (not a bool) in [low, high]; else raise `error` naming `name`."""
-    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low) or (
-            high is not None and value > high):
-        raise error(f"{name} must be an int{_range(low, high)}, got {value!r}")
+    """Return `value` if it is an int (not a bool) in [low, high]; else raise `error` naming `name` (Lesson 00, §2).
+
+    The message reads "<name> must be <what> <range>, got <value>"; `what` words it for the lesson.
+    """
+    if not _is_int(value, low, high):
+        raise error(f"{name} must be {what}{_range(low, high)}, got {value!r}")
     return value
 
 
 def check_positive_int(value, name: str, error: type[MvtkError] = InvalidArgumentError) -> int:
-    """Return `value` if it is an int >= 1 (bool is refused); else raise `error` naming `name`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """Return `value` if it is an int >= 1 (bool is refused); else raise `error` naming `name` (Lesson 00, §2)."""
+    if not _is_int(value, low=1):
         raise error(f"{name} must be a positive int, got {value!r}")
     return value
 
 
 def check_number(value, name: str, *, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, error: type[MvtkError] = InvalidArgumentError) -> float:
-    """Return `value` as a float if it is a finite real number (not a bool) in range; else raise `error`.
+                 low_open: bool = False, high_open: bool = False, what: str = "a number",
+                 error: type[MvtkError] = InvalidArgumentError) -> float:
+    """A finite real number (not a bool) in range, returned as a float; else raise `error` (Lesson 00, §2).
 
-    The range is [low, high], or (low, high] with `low_open=True`.
+    The range is [low, high]; `low_open` / `high_open` leave out that end, e.g. [0, 1) for a dropout
+    probability. The message reads "<name> must be <what> <range>, got <value>".
     """
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     if ok and low is not None:
         ok = value > low if low_open else value >= low
     if ok and high is not None:
-        ok = value <= high
+        ok = value < high if high_open else value <= high
     if not ok:
-        bounds = _range(low, high, low_open)
-        raise error(f"{name} must be a number{bounds}, got {value!r}")
+        raise error(f"{name} must be {what}{_range(low, high, low_open, high_open)}, got {value!r}")
     return float(value)
 
 
 def check_module(value, name: str = "model", error: type[MvtkError] = InvalidArgumentError):
-    """Return `value` if it is a torch.nn.Module; else raise `error` naming `name` and the type it got."""
+    """Return `value` if it is a torch.nn.Module; else raise `error` naming `name` and its type (Lesson 00, §2)."""
     from torch import nn  # here: errors is the lowest module and stays cheap to import
 
     if not isinstance(value, nn.Module):
@@ -111,13 +124,18 @@ def check_module(value, name: str = "model", error: type[MvtkError] = InvalidArg
     return value
 
 
-def _range(low, high, low_open: bool = False) -> str:
+def _is_int(value, low: int | None = None, high: int | None = None) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool)
+            and (low is None or value >= low) and (high is None or value <= high))
+
+
+def _range(low, high, low_open: bool = False, high_open: bool = False) -> str:
     if low is not None and high is not None:
-        return f" in {'(' if low_open else '['}{low}, {high}]"
+        return f" in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
     if low is not None:
         return f" {'>' if low_open else '>='} {low}"
     if high is not None:
-        return f" <= {high}"
+        return f" {'<' if high_open else '<='} {high}"
     return ""
 
 

@@ -22,10 +22,18 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from mvtk.compress import copy_model  # a deepcopy that copes with pruned, trained layers (Lesson 06)
-from mvtk.errors import ExportError, InputShapeError, InvalidArgumentError, check_positive_int
+from mvtk.errors import ExportError, InputShapeError, InvalidArgumentError, check_module, check_positive_int
 from mvtk.files import atomic_write, write_bytes_atomic
+from mvtk.models import copy_model, eval_mode, model_device, sample_shape
 from mvtk.timing import median_latencies
+
+__all__ = [
+    "INPUT_NAME", "OUTPUT_NAME", "BATCH_DIM", "PARITY_RTOL", "PARITY_ATOL", "INT8_OP_TYPES", "SOURCE_TRACE_KEY",
+    "predict_logits", "export_onnx", "drop_source_traces", "check_onnx", "OnnxSummary", "describe_onnx",
+    "onnx_files", "onnx_size", "load_session", "run_onnx", "Parity", "check_parity", "Latency",
+    "compare_latency", "engine_latencies", "quantize_onnx", "save_exported", "load_exported", "Prediction",
+    "Predictor", "cpu_eval_copy",
+]
 
 INPUT_NAME = "images"    # the graph's input and output names, as a deployment reads them
 OUTPUT_NAME = "logits"
@@ -43,17 +51,12 @@ def predict_logits(model: nn.Module, images: torch.Tensor, *, batch_size: int = 
 
     The model's train/eval mode is restored afterwards; the input goes to the model's device.
     """
-    _check_module(model)
+    check_module(model)
     images = _check_tensor(images, "images")
     check_positive_int(batch_size, "batch_size")
-    device = next(iter(model.parameters()), torch.empty(0)).device  # CPU for parameter-less (e.g. int8) models
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            parts = [model(chunk.to(device)).cpu() for chunk in images.split(batch_size)]
-    finally:
-        model.train(was_training)
+    device = model_device(model)  # the CPU for a model without parameters or buffers
+    with eval_mode(model), torch.inference_mode():
+        parts = [model(chunk.to(device)).cpu() for chunk in images.split(batch_size)]
     return torch.cat(parts)
 
 
@@ -72,7 +75,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
     capture raises ExportError. The exporter's per-node Python stack traces are dropped: they hold absolute paths of the
     exporting machine, so without them the same model gives the same bytes wherever it is exported.
     """
-    _check_module(model)
+    check_module(model)
     example = _check_tensor(example, "example")
     path = _check_onnx_path(path)
     program = _to_onnx_program(model, example, dynamic_batch, opset)
@@ -255,7 +258,7 @@ def check_parity(model: nn.Module, session: ort.InferenceSession, images: torch.
     PyTorch runs a CPU copy of the model, as ONNX Runtime runs on the CPU here (a GPU's TF32
     convolutions would differ by more than atol).
     """
-    _check_module(model)
+    check_module(model)
     expected = predict_logits(cpu_eval_copy(model), images).numpy()
     actual = run_onnx(session, images)
     if actual.shape != expected.shape:
@@ -290,7 +293,7 @@ def compare_latency(model: nn.Module, session: ort.InferenceSession, input_shape
     `input_shape` is one sample's shape, e.g. (1, 16, 16); inputs are random, made on the CPU; the two
     engines are timed in alternating blocks (see engine_latencies); `budget_s` is per batch size.
     """
-    _check_module(model)
+    check_module(model)
     for batch in batch_sizes:
         check_positive_int(batch, "batch size")
     eager = cpu_eval_copy(model)
@@ -319,7 +322,7 @@ def engine_latencies(images: torch.Tensor, *, models: dict[str, nn.Module] | Non
     array = images.numpy()
     runners = {}
     for label, model in models.items():
-        _check_module(model)
+        check_module(model)
         runners[label] = _eager_runner(cpu_eval_copy(model), images)
     for label, session in sessions.items():
         runners[label] = lambda session=session: run_onnx(session, array)
@@ -368,7 +371,7 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, *,
 def save_exported(model: nn.Module, example: torch.Tensor, path: str | os.PathLike, *,
                   dynamic_batch: bool = True) -> Path:
     """torch.export an eval-mode CPU copy of `model` and save the program as a .pt2 file (Lesson 07, §6)."""
-    _check_module(model)
+    check_module(model)
     example = _check_tensor(example, "example").detach().cpu()
     path = Path(path)
     if path.suffix != ".pt2":
@@ -495,17 +498,6 @@ class Predictor:
         return Prediction(labels=probabilities.argmax(axis=1).astype(np.int64), probabilities=probabilities)
 
 
-def sample_shape(model: nn.Module) -> tuple[int, ...]:
-    """One input sample's shape for a course model: SmallCNN's input_shape, or (1, s, s) for an MLP (Lesson 07, §7)."""
-    if hasattr(model, "input_shape"):
-        return tuple(model.input_shape)
-    features = getattr(model, "in_features", None)
-    side = int(round(features ** 0.5)) if isinstance(features, int) else 0
-    if side * side != features:
-        raise InvalidArgumentError(f"cannot tell the input shape of {type(model).__name__}; pass input_shape=(C, H, W)")
-    return (1, side, side)
-
-
 # -- argument checks ----------------------------------------------------------------------------------------
 
 
@@ -514,7 +506,6 @@ def cpu_eval_copy(model: nn.Module) -> nn.Module:
 
     Uses Lesson 06's copy, which also copes with a pruned model that has taken a training step.
     """
-    _check_module(model)
     return copy_model(model).cpu().eval()
 
 
@@ -525,11 +516,6 @@ def _is_range(value) -> bool:
         return False
     numbers = all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in (low, high))
     return numbers and bool(low < high)
-
-
-def _check_module(model) -> None:
-    if not isinstance(model, nn.Module):
-        raise InvalidArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
 def _check_tensor(value, name: str) -> torch.Tensor:

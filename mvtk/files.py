@@ -17,6 +17,9 @@ from typing import Callable, Iterator
 
 from mvtk.errors import InvalidArgumentError
 
+__all__ = ["CHUNK", "TEMP_NAME", "atomic_write", "abandoned_temps", "remove_abandoned_temps", "write_bytes_atomic",
+           "sha256_file", "sha256_bytes"]
+
 CHUNK = 1 << 20  # read files in 1 MiB pieces
 
 
@@ -25,7 +28,7 @@ TEMP_NAME = re.compile(r"\.(?P<target>.+)\.(?P<pid>\d+)-[a-z0-9_]+\.tmp")  # .<t
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path to write to; on success it replaces `path` atomically, on error it is removed.
+    """A temporary path to write to: on success it replaces `path` atomically, on error it is deleted (Lesson 03, §6).
 
     The temporary file sits beside `path`, is named after it and the writing process
     (`.<name>.<pid>-<random>.tmp`, see `abandoned_temps`), and is flushed to disk before the
@@ -94,14 +97,14 @@ def _umask() -> int:
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` atomically; returns the path."""
+    """Write `data` to `path` atomically; returns the path (Lesson 03, §6)."""
     with atomic_write(path) as tmp:
         tmp.write_bytes(data)
     return Path(path)
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    """The SHA-256 hex digest of a file's bytes, read in chunks."""
+    """The SHA-256 hex digest of a file's bytes, read in chunks (Lesson 03, §6)."""
     path = Path(path)
     if not path.is_file():
         raise InvalidArgumentError(f"cannot checksum {str(path)!r}: no such file")
@@ -113,5 +116,5 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def sha256_bytes(data: bytes) -> str:
-    """The SHA-256 hex digest of `data`."""
+    """The SHA-256 hex digest of `data` (Lesson 03, §6)."""
     return hashlib.sha256(data).hexdigest()

@@ -14,7 +14,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import prune
 
-from mvtk.errors import InputShapeError, InvalidArgumentError, check_module, check_positive_int
+from mvtk.errors import (InputShapeError, InvalidArgumentError, check_int, check_module, check_number,
+                         check_positive_int)
+
+__all__ = [
+    "NUM_CLASSES", "MLP", "MLPv2", "SmallCNN", "MODELS", "build_model", "count_parameters", "flatten_size",
+    "layer_shapes", "model_device", "eval_mode", "unwrap", "copy_model", "sample_shape",
+]
 
 NUM_CLASSES = 10  # the digits data set's classes (mvtk.data.NUM_CLASSES; a test keeps the two equal)
 
@@ -47,8 +53,7 @@ class MLPv2(nn.Module):
                  dropout: float = 0.2):
         super().__init__()
         _check_positive(in_features=in_features, hidden=hidden, num_classes=num_classes)
-        if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise InvalidArgumentError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+        check_number(dropout, "dropout", low=0, high=1, high_open=True, what="a probability")
         self.in_features = in_features
         self.flatten = nn.Flatten()
         self.fc1 = nn.Linear(in_features, hidden)
@@ -76,8 +81,7 @@ class SmallCNN(nn.Module):
         super().__init__()
         _check_positive(in_channels=in_channels, num_classes=num_classes, hidden=hidden,
                         conv1_channels=channels[0], conv2_channels=channels[1])
-        if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 2:
-            raise InvalidArgumentError(f"input_size must be an int >= 2 (pixels per side), got {input_size!r}")
+        check_int(input_size, "input_size (pixels per side)", low=2)
         self.input_shape = (in_channels, input_size, input_size)
         self.features = nn.Sequential()
         self.features.add_module("conv1", nn.Conv2d(in_channels, channels[0], kernel_size=3, padding=1))
@@ -112,9 +116,7 @@ def build_model(name: str, **kwargs) -> nn.Module:
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """The number of scalar parameters in `model` (Lesson 01, §3)."""
-    if not isinstance(model, nn.Module):
-        raise InvalidArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+    return sum(p.numel() for p in check_module(model).parameters() if p.requires_grad or not trainable_only)
 
 
 def flatten_size(features: nn.Module, input_shape: tuple[int, ...]) -> int:
@@ -122,8 +124,7 @@ def flatten_size(features: nn.Module, input_shape: tuple[int, ...]) -> int:
 
     `input_shape` is one sample's shape, without the batch dimension, e.g. (1, 16, 16).
     """
-    if not isinstance(features, nn.Module):
-        raise InvalidArgumentError(f"features must be a torch.nn.Module, got {type(features).__name__}")
+    check_module(features, "features")
     if (not isinstance(input_shape, tuple) or not input_shape
             or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape)):
         raise InvalidArgumentError(
@@ -140,8 +141,7 @@ def layer_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[s
 
     `input_shape` includes the batch dimension, e.g. (1, 1, 16, 16).
     """
-    if not isinstance(model, nn.Module):
-        raise InvalidArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_module(model)
     if not isinstance(input_shape, tuple) or not all(isinstance(d, int) and d > 0 for d in input_shape):
         raise InvalidArgumentError(f"input_shape must be a tuple of positive ints with the batch first, got {input_shape!r}")
     rows, hooks = [], []
@@ -149,14 +149,10 @@ def layer_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[s
         if not list(module.children()):
             hooks.append(module.register_forward_hook(
                 lambda mod, _inp, out, name=name: rows.append((name, type(mod).__name__, tuple(out.shape)))))
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
-            device = next(model.parameters()).device
-            model(torch.zeros(*input_shape, device=device))
+        with eval_mode(model), torch.no_grad():
+            model(torch.zeros(*input_shape, device=model_device(model)))
     finally:
-        model.train(was_training)
         for hook in hooks:
             hook.remove()
     return rows

@@ -18,8 +18,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from mvtk.errors import InvalidArgumentError, MonitorError, check_positive_int
+from mvtk.errors import InvalidArgumentError, MonitorError, check_int, check_module, check_number, check_positive_int
 from mvtk.files import atomic_write
+from mvtk.models import eval_mode, model_device
+
+__all__ = [
+    "HISTOGRAMS_EVERY", "HISTOGRAM_BINS", "PSI_THRESHOLD", "PSI_BINS", "PSI_EPS", "MIN_SAMPLES",
+    "MetricLogger", "plot_history", "LivePlot", "log_scalars", "history_scalars", "log_histograms", "log_graph",
+    "log_hparams", "read_events", "read_scalars", "read_hparams", "gradient_norms", "weight_norms",
+    "DeadReLUTracker", "TrainingMonitor", "OperatorTime", "profile_steps", "top_operators", "save_trace",
+    "Predictions", "predict", "confusion_matrix", "per_class_accuracy", "plot_confusion_matrix",
+    "plot_per_class_accuracy", "as_features", "PredictionLog", "DriftReport", "DriftMonitor", "psi",
+    "ks_statistic", "plot_drift",
+]
 
 HISTOGRAMS_EVERY = 10  # epochs between histogram writes: each costs ~0.3 ms per parameter, scalars far less
 HISTOGRAM_BINS = 64    # equal-width bins: TensorBoard's default ~500 exponential bins make records slow to write
@@ -115,8 +126,7 @@ class LivePlot:
     def __init__(self, every: int = 1, title: str | None = None):
         import ipywidgets
 
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise InvalidArgumentError(f"every must be a positive int (epochs between redraws), got {every!r}")
+        check_positive_int(every, "every (epochs between redraws)")
         self.every, self.title, self.draws = every, title, 0
         self.output = ipywidgets.Output()
 
@@ -163,7 +173,7 @@ def history_scalars(history) -> dict[str, float]:
 
 def log_histograms(writer, model: nn.Module, step: int, bins: int = HISTOGRAM_BINS) -> None:
     """Write a histogram of every parameter (weights/<name>) and of its gradient (gradients/<name>) (Lesson 08, §3)."""
-    for name, param in _check_model(model).named_parameters():
+    for name, param in check_module(model).named_parameters():
         writer.add_histogram(f"weights/{name}", param.detach().cpu(), step, bins=bins)
         if param.grad is not None:
             writer.add_histogram(f"gradients/{name}", param.grad.detach().cpu(), step, bins=bins)
@@ -171,15 +181,10 @@ def log_histograms(writer, model: nn.Module, step: int, bins: int = HISTOGRAM_BI
 
 def log_graph(writer, model: nn.Module, example_input: torch.Tensor) -> None:
     """Write the model's graph, traced on `example_input`; tracer deprecation notes are silenced (Lesson 08, §3)."""
-    was_training = _check_model(model).training
-    model.eval()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace")  # add_graph still uses jit.trace
-            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            writer.add_graph(model, example_input)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace")  # add_graph still uses jit.trace
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        writer.add_graph(model, example_input)
 
 
 def log_hparams(writer, hparams: dict, metrics: dict, run_name: str = "hparams") -> None:
@@ -224,7 +229,7 @@ def read_hparams(logdir: str | os.PathLike, run_name: str = "hparams") -> dict:
 
 def gradient_norms(model: nn.Module) -> dict[str, float]:
     """The L2 norm of each parameter's gradient, by parameter name; call after backward() (Lesson 08, §4)."""
-    grads = {name: p.grad for name, p in _check_model(model).named_parameters() if p.grad is not None}
+    grads = {name: p.grad for name, p in check_module(model).named_parameters() if p.grad is not None}
     if not grads:
         raise MonitorError("no parameter of the model has a gradient: call loss.backward() first")
     return _norms(grads)
@@ -232,7 +237,7 @@ def gradient_norms(model: nn.Module) -> dict[str, float]:
 
 def weight_norms(model: nn.Module) -> dict[str, float]:
     """The L2 norm of each parameter, by name (Lesson 08, §4)."""
-    return _norms(dict(_check_model(model).named_parameters()))
+    return _norms(dict(check_module(model).named_parameters()))
 
 
 def _norms(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -249,7 +254,7 @@ class DeadReLUTracker:
     """
 
     def __init__(self, model: nn.Module):
-        self._relus = [(name, m) for name, m in _check_model(model).named_modules() if isinstance(m, nn.ReLU)]
+        self._relus = [(name, m) for name, m in check_module(model).named_modules() if isinstance(m, nn.ReLU)]
         if not self._relus:
             raise MonitorError(f"{type(model).__name__} has no nn.ReLU module to watch (functional relu is not hooked)")
         self._alive: dict[tuple[str, int], torch.Tensor] = {}
@@ -298,9 +303,8 @@ class TrainingMonitor:
 
     def __init__(self, model: nn.Module, writer=None, histograms_every: int = HISTOGRAMS_EVERY,
                  stop_on_nan: bool = True):
-        if isinstance(histograms_every, bool) or not isinstance(histograms_every, int) or histograms_every < 0:
-            raise InvalidArgumentError(f"histograms_every must be an int >= 0, got {histograms_every!r}")
-        self.model, self.writer = _check_model(model), writer
+        check_int(histograms_every, "histograms_every", low=0)
+        self.model, self.writer = check_module(model), writer
         self.histograms_every, self.stop_on_nan = histograms_every, stop_on_nan
         self.records: list[dict] = []
 
@@ -338,10 +342,8 @@ def profile_steps(step: Callable[[], object], steps: int = 5, warmup: int = 1):
     """Run `step()` warmup + steps times under torch.profiler, recording the last `steps` (Lesson 08, §5)."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise InvalidArgumentError(f"steps must be a positive int, got {steps!r}")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise InvalidArgumentError(f"warmup must be an int >= 0, got {warmup!r}")
+    check_positive_int(steps, "steps")
+    check_int(warmup, "warmup", low=0)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities, schedule=schedule(wait=0, warmup=warmup, active=steps, repeat=1)) as prof:
         for _ in range(warmup + steps):
@@ -383,17 +385,12 @@ def predict(model: nn.Module, loader) -> Predictions:
 
     Inputs go to the device of the model's parameters (the CPU for a model without any).
     """
-    device = next(iter(_check_model(model).parameters()), torch.empty(0)).device
-    was_training = model.training
-    model.eval()
+    device = model_device(model)
     labels, probs = [], []
-    try:
-        with torch.no_grad():
-            for inputs, targets in loader:
-                probs.append(torch.softmax(model(inputs.to(device)), dim=1).cpu())
-                labels.append(targets.cpu())
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        for inputs, targets in loader:
+            probs.append(torch.softmax(model(inputs.to(device)), dim=1).cpu())
+            labels.append(targets.cpu())
     if not labels:
         raise MonitorError("the loader yielded no batches to predict")
     probabilities = torch.cat(probs)
@@ -484,9 +481,8 @@ class PredictionLog:
     """
 
     def __init__(self, low_confidence: float = 0.5):
-        if not isinstance(low_confidence, (int, float)) or not 0.0 < low_confidence < 1.0:
-            raise InvalidArgumentError(f"low_confidence must be a probability in (0, 1), got {low_confidence!r}")
-        self.low_confidence = float(low_confidence)
+        self.low_confidence = check_number(low_confidence, "low_confidence", low=0, high=1, low_open=True,
+                                           high_open=True, what="a probability")
         self.rows: list[dict] = []
 
     def record(self, probabilities, batch: str = "live") -> np.ndarray:
@@ -547,14 +543,10 @@ class DriftMonitor:
 
     def __init__(self, reference, bins: int = PSI_BINS, threshold: float = PSI_THRESHOLD, eps: float = PSI_EPS,
                  min_samples: int = MIN_SAMPLES):
-        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
-            raise InvalidArgumentError(f"bins must be an int >= 2, got {bins!r}")
-        if not isinstance(threshold, (int, float)) or threshold <= 0:
-            raise InvalidArgumentError(f"threshold must be a positive number, got {threshold!r}")
-        if not isinstance(eps, (int, float)) or not 0 < eps < 0.01:
-            raise InvalidArgumentError(f"eps must be a small positive number (< 0.01), got {eps!r}")
-        if isinstance(min_samples, bool) or not isinstance(min_samples, int) or min_samples < 1:
-            raise InvalidArgumentError(f"min_samples must be a positive int, got {min_samples!r}")
+        check_int(bins, "bins", low=2)
+        check_number(threshold, "threshold", low=0, low_open=True)
+        check_number(eps, "eps", low=0, high=0.01, low_open=True, high_open=True)
+        check_positive_int(min_samples, "min_samples")
         self.reference = as_features(reference, "reference")
         if len(self.reference) < min_samples:
             raise MonitorError(f"the reference has {len(self.reference)} samples, expected at least {min_samples}")
@@ -627,9 +619,3 @@ def plot_drift(reports: dict[str, DriftReport], image_shape: tuple[int, int]):
     axes[-1].set(yscale="log", title="overall PSI")
     axes[-1].legend(loc="upper right", fontsize=8)
     return fig
-
-
-def _check_model(model) -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise InvalidArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    return model

@@ -10,7 +10,6 @@ checkpoints, with `mvtk.checkpoint.save_checkpoint`.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 import statistics
@@ -33,8 +32,15 @@ from mvtk.checkpoint import check_state_dict_fits, save_checkpoint
 from mvtk.data import make_loaders
 from mvtk.env import pick_device, seed_everything
 from mvtk.errors import DeviceUnavailableError, InvalidArgumentError, ParallelError, check_positive_int
-from mvtk.models import MODELS, build_model
+from mvtk.models import MODELS, build_model, sample_shape, unwrap
 from mvtk.train import DEFAULT_LR, History, evaluate, train_one_epoch
+
+__all__ = [
+    "BACKENDS", "MODULE_PREFIX", "CHECKPOINT_NAME", "TORCHRUN", "GROUP_TIMEOUT", "FAILURE_LINE",
+    "unwrap", "strip_module_prefix", "load_state_dict_any", "wrap_data_parallel", "choose_backend",
+    "check_launch", "init_distributed", "shard_loader", "all_reduce_mean", "train_ddp", "torchrun_command",
+    "launch", "build_parser", "main",
+]
 
 BACKENDS = ("gloo", "nccl")      # gloo: CPU (and GPU); nccl: NVIDIA GPUs, one GPU per process
 MODULE_PREFIX = "module."        # what DataParallel and DDP put in front of every state_dict key
@@ -42,13 +48,6 @@ CHECKPOINT_NAME = "last.pt"      # rank 0 writes OUT/last.pt after every epoch
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run")  # torchrun of this very Python (same venv)
 GROUP_TIMEOUT = timedelta(minutes=5)  # how long a collective waits for a missing process
 FAILURE_LINE = re.compile(r"^\w[\w.]*(Error|Exception): |: error: ")  # a worker's exception or argparse error
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model inside an nn.DataParallel / DistributedDataParallel wrapper, else `model` (Lesson 05, §3)."""
-    if not isinstance(model, nn.Module):
-        raise InvalidArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    return model.module if isinstance(model, (nn.DataParallel, DistributedDataParallel)) else model
 
 
 def strip_module_prefix(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
@@ -180,7 +179,7 @@ def train_ddp(*, model_name: str = "mlp", epochs: int = 10, batch_size: int = 32
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         seed_everything(seed + rank, threads=None)  # per-rank seed: dropout and augmentation differ by rank
         pin = device.type == "cuda"
-        data = make_loaders(size=_image_size(model))  # the course's splits and evaluation batch size
+        data = make_loaders(size=sample_shape(model)[-1])  # the course's splits and evaluation batch size
         train = shard_loader(data.train.dataset, batch_size // world, shuffle=True, seed=seed, pin_memory=pin)
         val, test = (shard_loader(loader.dataset, loader.batch_size, shuffle=False, pin_memory=pin)
                      for loader in (data.val, data.test))
@@ -303,12 +302,6 @@ def _evaluate_shards(model: nn.Module, loader: DataLoader, device: torch.device)
     result = evaluate(model, loader, device=device)
     weight = len(loader.sampler)
     return all_reduce_mean(result.loss, weight, device), all_reduce_mean(result.accuracy, weight, device)
-
-
-def _image_size(model: nn.Module) -> int:
-    """Pixels per side of the square images a course model takes (SmallCNN: input_shape; MLPs: in_features)."""
-    shape = getattr(model, "input_shape", None)
-    return shape[-1] if shape is not None else math.isqrt(model.in_features)
 
 
 def _barrier(device: torch.device) -> None:

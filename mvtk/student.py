@@ -14,12 +14,14 @@ import nbformat
 from mvtk.errors import InvalidArgumentError
 from mvtk.files import atomic_write
 
+__all__ = ["SOLUTION_TAG", "PLACEHOLDER", "student_copy", "write_student_copies", "main"]
+
 SOLUTION_TAG = "solution"
 PLACEHOLDER = "# YOUR TURN: write your solution here, then compare with the teacher's copy.\n"
 
 
 def student_copy(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
-    """A copy of `notebook` with every output cleared and each `solution` cell's code replaced."""
+    """A copy of `notebook` with every output cleared and each `solution` cell's code replaced (Lesson 00, §1)."""
     copy = nbformat.from_dict(notebook)
     for cell in copy.cells:
         if cell.cell_type != "code":
@@ -34,7 +36,7 @@ def student_copy(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
 
 
 def write_student_copies(source: str | Path, target: str | Path) -> list[Path]:
-    """Write a student copy of every `NN_*.ipynb` in `source` to `target`; returns the written paths."""
+    """Write a student copy of every `NN_*.ipynb` in `source` to `target`; returns their paths (Lesson 00, §1)."""
     source, target = Path(source), Path(target)
     notebooks = sorted(source.glob("[0-9][0-9]_*.ipynb"))
     if not notebooks:
@@ -50,6 +52,7 @@ def write_student_copies(source: str | Path, target: str | Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m mvtk.student SOURCE TARGET` (`make student`): write the copies; 2 on bad input (Lesson 00, §1)."""
     parser = argparse.ArgumentParser(prog="python -m mvtk.student", description=__doc__.splitlines()[0])
     parser.add_argument("source", help="folder with the lesson notebooks, e.g. notebooks")
     parser.add_argument("target", help="folder for the student copies, e.g. student")

@@ -11,6 +11,8 @@ from typing import Any, Callable, Sequence
 
 from mvtk.errors import InvalidArgumentError, check_positive_int
 
+__all__ = ["median_latency", "median_latencies"]
+
 
 def median_latency(fn: Callable[[], Any], *, repeats: int | None = None, warmup: int = 2,
                    budget_s: float = 0.5) -> float:

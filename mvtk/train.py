@@ -1,4 +1,4 @@
-"""The training loop of Lesson 02: `fit`, `train_one_epoch`, `evaluate` and the `History` they fill.
+"""The training loop of Lesson 02: `fit`, `train_one_epoch`, `train_step`, `evaluate` and the `History` they fill.
 
 Written to be read: a learner should recognise every line of the loop from notebook 02.
 """
@@ -14,7 +14,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from mvtk.errors import InvalidArgumentError
+from mvtk.errors import InvalidArgumentError, check_int, check_module, check_positive_int
+from mvtk.models import eval_mode, model_device
+
+__all__ = ["DEFAULT_LR", "History", "Evaluation", "train_step", "train_one_epoch", "evaluate", "fit"]
 
 DEFAULT_LR = 3e-3  # Adam's learning rate when fit() makes the optimizer; right for the course's models
 
@@ -58,21 +61,31 @@ class Evaluation(NamedTuple):
     accuracy: float
 
 
+def train_step(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
+               loss_fn: Callable = nn.functional.cross_entropy) -> torch.Tensor:
+    """One gradient step on one batch: zero the gradients, forward, loss, backward, update (Lesson 02, §5).
+
+    Returns the batch's loss, detached. `loss_fn(outputs, labels)` may be any loss, e.g. a distillation
+    loss that also compares with a teacher's outputs (Lesson 06, §7).
+    """
+    optimizer.zero_grad()
+    loss = loss_fn(model(inputs), labels)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     loss_fn: Callable = nn.functional.cross_entropy,
                     device: torch.device | str | None = None) -> float:
     """One pass over `loader` with gradient steps; returns the mean training loss per sample (Lesson 02, §5)."""
-    if not isinstance(model, nn.Module):
-        raise InvalidArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    device = _model_device(model) if device is None else torch.device(device)
+    check_module(model)
+    device = model_device(model) if device is None else torch.device(device)
     model.train()
     total, count = 0.0, 0
     for inputs, labels in loader:
         inputs, labels = inputs.to(device), labels.to(device)
-        optimizer.zero_grad()
-        loss = loss_fn(model(inputs), labels)
-        loss.backward()
-        optimizer.step()
+        loss = train_step(model, inputs, labels, optimizer, loss_fn)
         total += loss.item() * len(labels)
         count += len(labels)
     if count == 0:
@@ -86,22 +99,16 @@ def evaluate(model: nn.Module, loader: DataLoader, loss_fn: Callable = nn.functi
 
     The model's train/eval mode is restored afterwards.
     """
-    if not isinstance(model, nn.Module):
-        raise InvalidArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    device = _model_device(model) if device is None else torch.device(device)
-    was_training = model.training
-    model.eval()
+    check_module(model)
+    device = model_device(model) if device is None else torch.device(device)
     total, correct, count = 0.0, 0, 0
-    try:
-        with torch.no_grad():
-            for inputs, labels in loader:
-                inputs, labels = inputs.to(device), labels.to(device)
-                logits = model(inputs)
-                total += loss_fn(logits, labels).item() * len(labels)
-                correct += (logits.argmax(dim=1) == labels).sum().item()
-                count += len(labels)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        for inputs, labels in loader:
+            inputs, labels = inputs.to(device), labels.to(device)
+            logits = model(inputs)
+            total += loss_fn(logits, labels).item() * len(labels)
+            correct += (logits.argmax(dim=1) == labels).sum().item()
+            count += len(labels)
     if count == 0:
         raise InvalidArgumentError("the evaluation loader yielded no batches")
     return Evaluation(loss=total / count, accuracy=correct / count)
@@ -125,13 +132,11 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, *, e
       epoch stays the best, the model keeps its last weights (load that epoch's checkpoint instead).
     - `on_epoch_end(epoch, history)`: called after each epoch (1-based); returning True stops.
     """
-    if not isinstance(model, nn.Module):
-        raise InvalidArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-        raise InvalidArgumentError(f"epochs must be a non-negative int, got {epochs!r}")
-    if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
-        raise InvalidArgumentError(f"patience must be a positive int or None, got {patience!r}")
-    device = _model_device(model) if device is None else torch.device(device)
+    check_module(model)
+    check_int(epochs, "epochs", low=0)
+    if patience is not None:
+        check_positive_int(patience, "patience (or None)")
+    device = model_device(model) if device is None else torch.device(device)
     optimizer = optimizer if optimizer is not None else torch.optim.Adam(model.parameters(), lr=DEFAULT_LR)
     history = history if history is not None else History()
     # Early stopping state, carried on from the history when resuming.
@@ -162,10 +167,3 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, *, e
     if restore_best and best_state is not None:
         model.load_state_dict(best_state)
     return history
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")

@@ -1,7 +1,8 @@
-"""Fixtures every test folder shares: the repository root, small seeded models, a planted pickle."""
+"""Fixtures every test folder shares: the repository root, small seeded models, a planted pickle, a dead pid."""
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import pytest
@@ -9,8 +10,7 @@ import torch
 
 from mvtk.env import seed_everything
 from mvtk.models import MLP
-
-ROOT = Path(__file__).resolve().parents[1]  # the repository: pyproject.toml, mvtk/, notebooks/
+from notebook_utils import ROOT  # the repository: pyproject.toml, mvtk/, notebooks/
 
 
 class Plant:
@@ -49,3 +49,12 @@ def planted(tmp_path):
     path = tmp_path / "planted.pt"
     path.write_bytes(planted_bytes(marker))
     return path, marker
+
+
+@pytest.fixture
+def dead_pid() -> int:
+    """A process id no process has (above Linux's largest pid_max, 2**22, and macOS's 99998), checked."""
+    pid = 2**22 + 1
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    return pid

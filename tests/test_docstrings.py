@@ -14,10 +14,11 @@ SECTION = re.compile(r"§(\d+)(?:\s*[-–]\s*§(\d+))?")
 
 
 def public_docstrings():
-    """(where, docstring) for every module, public function, public class and its public methods in mvtk/."""
-    for path in sorted((ROOT / "mvtk").glob("*.py")):
+    """(where, docstring) for every module, public function, public class and its public methods in mvtk/ (packages too)."""
+    for path in sorted((ROOT / "mvtk").rglob("*.py")):
         tree = ast.parse(path.read_text(encoding="utf-8"))
-        module = path.stem
+        parts = path.relative_to(ROOT / "mvtk").with_suffix("").parts  # a package's files: checkpoint.core
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts) or "mvtk"
         yield module, ast.get_docstring(tree) or ""
         for node in tree.body:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not node.name.startswith("_"):

@@ -1,8 +1,11 @@
 """Writes are atomic: a failed write leaves the previous file as it was and no temporary file behind."""
+import os
+
 import pytest
 
 from mvtk.errors import InvalidArgumentError
-from mvtk.files import atomic_write, sha256_bytes, sha256_file, write_bytes_atomic
+from mvtk.files import (abandoned_temps, atomic_write, remove_abandoned_temps, sha256_bytes, sha256_file,
+                        write_bytes_atomic)
 
 
 def test_atomic_write_replaces_the_file(tmp_path):
@@ -40,10 +43,35 @@ def test_checksum_of_a_missing_file_names_it(tmp_path):
 
 
 def test_atomic_write_gives_the_permissions_open_would(tmp_path):
-    import os
     umask = os.umask(0o022)
     try:
         path = write_bytes_atomic(tmp_path / "shared.bin", b"x")
     finally:
         os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_an_existing_private_file_stays_private(tmp_path):
+    path = write_bytes_atomic(tmp_path / "secret.key", b"old")
+    path.chmod(0o600)
+    write_bytes_atomic(path, b"new")
+    assert path.read_bytes() == b"new" and path.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_temporary_file_is_abandoned_only_when_its_writer_has_exited(tmp_path, dead_pid):
+    mine = tmp_path / f".model.pt.{os.getpid()}-abc123.tmp"
+    parents = tmp_path / f".model.pt.{os.getppid()}-def456.tmp"  # another live process: maybe a save in progress
+    dead = tmp_path / f".model.pt.{dead_pid}-abc123.tmp"
+    for path in (mine, parents, dead, tmp_path / "model.pt"):
+        path.write_bytes(b"x")
+    assert abandoned_temps(tmp_path) == [dead]
+    assert abandoned_temps(tmp_path, is_target=lambda name: name == "other.pt") == []
+    assert remove_abandoned_temps(tmp_path) == [dead]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, parents.name, "model.pt"])
+
+
+def test_the_temporary_file_names_its_target_and_writer_and_goes_on_an_interrupt(tmp_path):
+    with pytest.raises(KeyboardInterrupt), atomic_write(tmp_path / "model.pt") as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(f".model.pt.{os.getpid()}-")
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []

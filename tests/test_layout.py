@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from notebook_utils import ROOT
+
 PACKAGE = ROOT / "mvtk"
 
 # Each module's place in the course; a module may import only modules of a lower or equal rank
@@ -18,7 +19,7 @@ RANK = {
 }
 # Inside a package: a file may import only files earlier in this list.
 PACKAGE_ORDER = {
-    "checkpoint": ["_io", "crypto", "core", "weights", "periodic", "signing"],
+    "checkpoint": ["_io", "crypto", "signing", "core", "weights", "periodic"],
     "registry": ["records", "text", "index", "blobs", "diff", "registry", "cli"],
 }
 

@@ -1,9 +1,14 @@
-"""Lesson 01's model claims: shapes, parameter counts, a computed flatten size and clear shape errors."""
+"""Lesson 01's model claims: shapes, parameter counts, a computed flatten size and clear shape errors; and the
+utilities every later lesson uses on any model: its device, eval mode restored, unwrapping, copying, input shape."""
 import pytest
 import torch
+from torch import nn
+from torch.nn.functional import cross_entropy
+from torch.nn.utils import prune
 
 from mvtk.errors import InputShapeError, InvalidArgumentError
-from mvtk.models import MLP, MLPv2, SmallCNN, build_model, count_parameters, flatten_size, layer_shapes
+from mvtk.models import (MLP, MLPv2, SmallCNN, build_model, copy_model, count_parameters, eval_mode, flatten_size,
+                         layer_shapes, model_device, sample_shape, unwrap)
 
 
 def test_mlp_maps_digits_to_ten_logits():
@@ -106,3 +111,85 @@ def test_flatten_size_refuses_bad_input(features, input_shape, match):
 def test_flatten_size_names_an_input_shape_the_features_cannot_take():
     with pytest.raises(InputShapeError, match=r"cannot take one input of shape \(3, 16, 16\)"):
         flatten_size(torch.nn.Conv2d(1, 4, 3), (3, 16, 16))
+
+
+# -- utilities for any nn.Module -----------------------------------------------------------------------------
+
+def test_model_device_is_where_the_parameters_are(mlp):
+    assert model_device(mlp) == torch.device("cpu")
+    assert model_device(mlp.to("meta")) == torch.device("meta")
+
+
+def test_model_device_of_a_model_without_parameters_or_buffers_is_the_cpu():
+    assert model_device(nn.Sequential(nn.ReLU(), nn.Flatten())) == torch.device("cpu")
+
+
+def test_model_device_finds_a_buffer_when_there_is_no_parameter():
+    model = nn.Module()
+    model.register_buffer("scale", torch.ones(1, device="meta"))
+    assert model_device(model) == torch.device("meta")
+
+
+def mixed_modes() -> nn.Module:
+    """An MLPv2 in training mode whose dropout alone is in eval mode."""
+    model = MLPv2(hidden=16).train()
+    model.drop.eval()
+    return model
+
+
+def modes(model: nn.Module) -> dict[str, bool]:
+    return {name: module.training for name, module in model.named_modules()}
+
+
+def test_eval_mode_restores_every_submodules_own_mode():
+    model = mixed_modes()
+    before = modes(model)
+    with eval_mode(model) as inside:
+        assert inside is model and not any(modes(model).values())
+    assert modes(model) == before and not model.drop.training
+
+
+def test_eval_mode_restores_the_modes_after_an_exception():
+    model = mixed_modes()
+    before = modes(model)
+    with pytest.raises(RuntimeError, match="failed inside"), eval_mode(model):
+        raise RuntimeError("failed inside")
+    assert modes(model) == before
+
+
+def test_unwrap_returns_the_model_inside_nested_wrappers(mlp):
+    assert unwrap(nn.DataParallel(nn.DataParallel(mlp))) is mlp
+    assert unwrap(mlp) is mlp
+
+
+def test_copy_model_copies_a_pruned_model_after_a_training_step(mlp):
+    prune.l1_unstructured(mlp.fc1, "weight", amount=0.5)
+    cross_entropy(mlp(torch.rand(4, 1, 8, 8)), torch.tensor([0, 1, 2, 3])).backward()  # weight is now in a graph
+    copied = copy_model(mlp)
+    x = torch.rand(2, 1, 8, 8)
+    assert copied is not mlp and torch.equal(copied(x), mlp(x))
+    assert torch.equal(copied.fc1.weight_mask, mlp.fc1.weight_mask)
+    with torch.no_grad():
+        copied.fc1.weight_orig.zero_()
+    assert not torch.equal(copied(x), mlp(x))  # its own weights, not the original's
+
+
+@pytest.mark.parametrize("model, shape", [(MLP(), (1, 8, 8)), (MLP(in_features=256), (1, 16, 16)),
+                                          (SmallCNN(in_channels=3, input_size=28), (3, 28, 28))],
+                         ids=["mlp", "mlp-16x16", "cnn-3x28x28"])
+def test_sample_shape_of_the_course_models(model, shape):
+    assert sample_shape(model) == shape
+
+
+@pytest.mark.parametrize("model", [MLP(in_features=60), nn.Conv2d(1, 4, 3), nn.Sequential(nn.Flatten())],
+                         ids=["not-square", "no-in-features", "plain-sequential"])
+def test_sample_shape_refuses_a_model_it_cannot_read(model):
+    with pytest.raises(InvalidArgumentError, match="cannot tell the input shape"):
+        sample_shape(model)
+
+
+@pytest.mark.parametrize("helper", [model_device, unwrap, copy_model, sample_shape, lambda x: eval_mode(x).__enter__()],
+                         ids=["model_device", "unwrap", "copy_model", "sample_shape", "eval_mode"])
+def test_the_model_utilities_refuse_something_that_is_not_a_module(helper):
+    with pytest.raises(InvalidArgumentError, match="model must be a torch.nn.Module, got dict"):
+        helper({"weight": torch.zeros(1)})

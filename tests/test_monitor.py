@@ -1,6 +1,8 @@
 """Lesson 08's claims about mvtk.monitor: logs that weight by batch size, TensorBoard files that read back,
 health signals, a profiler summary, readable evaluation, and a drift monitor that alarms only on drift."""
+import gc
 import json
+import weakref
 
 import numpy as np
 import pytest
@@ -29,22 +31,16 @@ def loader(data):
     return DataLoader(TensorDataset(*data), batch_size=32)  # batches of 32, 32, 32 and 4
 
 
-@pytest.fixture
-def model():
-    torch.manual_seed(0)
-    return MLP(hidden=16)
-
-
 @pytest.fixture(scope="module")
 def digits():
     return {split: load_dataset(split=split).images for split in ("train", "test")}
 
 
 @pytest.fixture
-def trained(model, loader, tmp_path):
+def trained(mlp, loader, tmp_path):
     with SummaryWriter(tmp_path / "tb") as writer:
-        watcher = monitor.TrainingMonitor(model, writer, histograms_every=2)
-        history = fit(model, loader, loader, epochs=2, on_epoch_end=watcher, progress=False)
+        watcher = monitor.TrainingMonitor(mlp, writer, histograms_every=2)
+        history = fit(mlp, loader, loader, epochs=2, on_epoch_end=watcher, progress=False)
     return history, watcher, tmp_path / "tb"
 
 
@@ -68,12 +64,14 @@ def test_logger_keeps_every_batch_value_and_one_mean_per_epoch():
 
 
 def test_logger_does_not_keep_the_autograd_graph():
-    weight = torch.ones((), requires_grad=True)
+    weight, saved = torch.ones((), requires_grad=True), torch.full((), 2.0)
+    in_graph = weakref.ref(saved)  # the graph of weight * saved keeps `saved` for the backward pass
     logger = monitor.MetricLogger()
-    logger.update(1, loss=weight * 2)
+    logger.update(1, loss=weight * saved)
     logger.update(1, loss=weight * 3)
-    pending = logger._pending["loss"]
-    assert all(not value.requires_grad and value.grad_fn is None for value in pending)  # no graph kept alive
+    del saved
+    gc.collect()
+    assert in_graph() is None  # the logger holds the value, not the graph behind it
     assert logger.end_epoch()["loss"] == 2.5 and logger.batches["loss"] == [2.0, 3.0]
 
 
@@ -102,9 +100,9 @@ def test_logger_requires_the_same_names_in_every_batch_of_an_epoch():
 
 # §2 live view
 
-def test_live_plot_redraws_once_per_epoch_from_fit(model, loader):
+def test_live_plot_redraws_once_per_epoch_from_fit(mlp, loader):
     live = monitor.LivePlot()
-    history = fit(model, loader, loader, epochs=2, on_epoch_end=live, progress=False)
+    history = fit(mlp, loader, loader, epochs=2, on_epoch_end=live, progress=False)
     assert live.draws == history.epochs == 2
 
 
@@ -146,9 +144,9 @@ def test_histograms_of_weights_and_gradients_are_written_every_n_epochs(trained)
     assert [e.step for e in events.Histograms("weights/fc1.weight")] == [2]
 
 
-def test_graph_and_hparams_read_back(model, tmp_path):
+def test_graph_and_hparams_read_back(mlp, tmp_path):
     with SummaryWriter(tmp_path) as writer:
-        monitor.log_graph(writer, model, torch.zeros(2, 1, 8, 8))
+        monitor.log_graph(writer, mlp, torch.zeros(2, 1, 8, 8))
         monitor.log_hparams(writer, {"lr": 0.01, "optimizer": "adam"}, {"hparam/val_acc": 0.9})
     assert monitor.read_events(tmp_path).Tags()["graph"]
     stored = monitor.read_hparams(tmp_path)
@@ -156,10 +154,10 @@ def test_graph_and_hparams_read_back(model, tmp_path):
     assert stored["metrics"] == {"hparam/val_acc": pytest.approx(0.9)}
 
 
-def test_log_graph_leaves_the_model_in_training_mode(model, tmp_path):
+def test_log_graph_leaves_the_model_in_training_mode(mlp, tmp_path):
     with SummaryWriter(tmp_path) as writer:
-        monitor.log_graph(writer, model, torch.zeros(2, 1, 8, 8))
-    assert model.training
+        monitor.log_graph(writer, mlp, torch.zeros(2, 1, 8, 8))
+    assert mlp.training
 
 
 def test_reading_a_folder_without_event_files_names_it(tmp_path):
@@ -183,29 +181,32 @@ def test_training_monitor_records_norms_and_lr_per_epoch(trained):
     assert all(len(values) == 2 and all(v > 0 for v in values) for values in grads.values())
 
 
-def test_training_monitor_stops_when_the_loss_is_not_finite(model):
-    model(torch.rand(2, 1, 8, 8)).sum().backward()
-    watcher = monitor.TrainingMonitor(model)
+def test_training_monitor_stops_when_the_loss_is_not_finite(mlp):
+    mlp(torch.rand(2, 1, 8, 8)).sum().backward()
+    watcher = monitor.TrainingMonitor(mlp)
     history = History(train_loss=[float("nan")], val_loss=[1.0], val_acc=[0.1], lr=[0.1])
     assert watcher(1, history) is True
 
 
-def test_gradient_norms_match_torch_and_need_a_backward_pass(model, data):
+def test_gradient_norms_match_torch_and_need_a_backward_pass(mlp, data):
     with pytest.raises(MonitorError, match="backward"):
-        monitor.gradient_norms(model)
-    nn.functional.cross_entropy(model(data[0]), data[1]).backward()
-    norms = monitor.gradient_norms(model)
-    assert norms["fc1.weight"] == pytest.approx(float(model.fc1.weight.grad.norm()))
-    assert monitor.weight_norms(model)["fc2.bias"] == pytest.approx(float(model.fc2.bias.detach().norm()))
+        monitor.gradient_norms(mlp)
+    nn.functional.cross_entropy(mlp(data[0]), data[1]).backward()
+    norms = monitor.gradient_norms(mlp)
+    assert norms["fc1.weight"] == pytest.approx(float(mlp.fc1.weight.grad.norm()))
+    assert monitor.weight_norms(mlp)["fc2.bias"] == pytest.approx(float(mlp.fc2.bias.detach().norm()))
 
 
-def test_dead_relu_tracker_counts_units_that_never_fire(model, data):
+def test_dead_relu_tracker_counts_units_that_never_fire(mlp, data):
     with torch.no_grad():
-        model.fc1.bias[:4] = -1e3  # 4 of 16 hidden units can never be positive
-    with monitor.DeadReLUTracker(model) as dead:
-        model(data[0])
+        mlp.fc1.bias[:4] = -1e3  # 4 of 16 hidden units can never be positive
+    with monitor.DeadReLUTracker(mlp) as dead:
+        mlp(data[0])
         assert dead.fractions() == {"act": pytest.approx(4 / 16)}
-    assert not model.act._forward_hooks  # hooks removed on exit
+    with torch.no_grad():
+        mlp.fc1.bias[:4] = 1e3  # now all 16 units fire...
+    mlp(data[0])
+    assert dead.fractions() == {"act": pytest.approx(4 / 16)}  # ...but the hooks went on exit: nothing was seen
 
 
 def test_dead_relu_tracker_tells_apart_two_calls_of_one_relu_module(data):
@@ -226,12 +227,12 @@ def test_dead_relu_tracker_needs_relu_modules():
 
 # §5 profiler summary
 
-def test_profiler_summary_lists_the_operators_of_the_profiled_steps(model, data):
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+def test_profiler_summary_lists_the_operators_of_the_profiled_steps(mlp, data):
+    optimizer = torch.optim.SGD(mlp.parameters(), lr=0.1)
 
     def step():
         optimizer.zero_grad()
-        nn.functional.cross_entropy(model(data[0]), data[1]).backward()
+        nn.functional.cross_entropy(mlp(data[0]), data[1]).backward()
         optimizer.step()
 
     prof = monitor.profile_steps(step, steps=2, warmup=1)
@@ -242,8 +243,8 @@ def test_profiler_summary_lists_the_operators_of_the_profiled_steps(model, data)
     assert {"aten::addmm", "aten::relu"} <= names
 
 
-def test_save_trace_writes_chrome_trace_json(model, data, tmp_path):
-    prof = monitor.profile_steps(lambda: model(data[0]), steps=1, warmup=1)
+def test_save_trace_writes_chrome_trace_json(mlp, data, tmp_path):
+    prof = monitor.profile_steps(lambda: mlp(data[0]), steps=1, warmup=1)
     path = monitor.save_trace(prof, tmp_path / "trace.json")
     assert "traceEvents" in json.loads(path.read_text())
     assert [p.name for p in tmp_path.iterdir()] == ["trace.json"]  # no temporary file left behind
@@ -263,9 +264,9 @@ def test_confusion_matrix_and_per_class_accuracy():
     assert accuracy[:3].tolist() == [0.5, 1.0, 0.0] and np.isnan(accuracy[3])
 
 
-def test_predict_returns_probabilities_and_restores_the_mode(model, loader):
-    result = monitor.predict(model, loader)
-    assert result.probabilities.shape == (100, 10) and model.training
+def test_predict_returns_probabilities_and_restores_the_mode(mlp, loader):
+    result = monitor.predict(mlp, loader)
+    assert result.probabilities.shape == (100, 10) and mlp.training
     assert torch.allclose(result.probabilities.sum(dim=1), torch.ones(100))
     assert torch.equal(result.predicted, result.probabilities.argmax(dim=1))
 

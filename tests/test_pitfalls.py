@@ -2,7 +2,6 @@
 mistake changes a measurement, and each fix works. `expect_error` (tested in test_errors.py) is the helper every broken cell runs in."""
 import copy
 import io
-import os
 import pickle
 import re
 
@@ -19,12 +18,6 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from mvtk.data import make_loaders
 from mvtk.errors import InputShapeError
 from mvtk.models import MLP, MLPv2, SmallCNN
-
-
-@pytest.fixture
-def mlp():
-    torch.manual_seed(0)
-    return MLP()
 
 
 @pytest.fixture
@@ -48,7 +41,7 @@ def test_a_loaded_state_dict_is_not_a_model(mlp, batch, tmp_path):
 
 
 def test_load_state_dict_returns_a_report_not_the_model(mlp, batch):
-    report = MLP().load_state_dict(mlp.state_dict())
+    report = MLP(hidden=16).load_state_dict(mlp.state_dict())
     assert not report.missing_keys and not report.unexpected_keys
     with pytest.raises(TypeError, match="not callable"):
         report(batch[0])
@@ -247,41 +240,29 @@ def test_a_wrapped_state_dict_does_not_load_into_a_plain_model_until_stripped(ml
     state = nn.DataParallel(mlp).state_dict()
     assert all(key.startswith("module.") for key in state)
     with pytest.raises(RuntimeError, match=re.escape("Unexpected key(s) in state_dict")):
-        MLP().load_state_dict(state)
+        MLP(hidden=16).load_state_dict(state)
     consume_prefix_in_state_dict_if_present(state, "module.")
-    plain = MLP()
+    plain = MLP(hidden=16)
     plain.load_state_dict(state)
     assert torch.equal(plain(batch[0]), mlp(batch[0]))
 
 
 # --- §11 weights_only ----------------------------------------------------------------------------
 
-class _MarkerPayload:
-    """Unpickling calls os.makedirs(path): the harmless stand-in for hidden code that Lesson 09 plants."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (os.makedirs, (self.path,))
-
-
-def test_weights_only_loading_refuses_pickled_code(tmp_path):
-    marker = tmp_path / "PAYLOAD_RAN"
-    torch.save({"w": torch.zeros(2), "note": _MarkerPayload(str(marker))}, tmp_path / "evil.pt")
-    assert torch.serialization.get_unsafe_globals_in_checkpoint(tmp_path / "evil.pt") == ["os.makedirs"]
-    with pytest.raises(pickle.UnpicklingError, match="os.makedirs"):
-        torch.load(tmp_path / "evil.pt", weights_only=True)
-    with pytest.raises(pickle.UnpicklingError, match="os.makedirs"):
-        torch.load(tmp_path / "evil.pt")  # weights_only=True is the default
+def test_weights_only_loading_refuses_pickled_code(planted):
+    evil, marker = planted  # a file whose pickle calls exec(...) when loaded unsafely
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(evil) == ["builtins.exec"]
+    with pytest.raises(pickle.UnpicklingError, match="GLOBAL exec was not an allowed global"):
+        torch.load(evil, weights_only=True)
+    with pytest.raises(pickle.UnpicklingError, match="GLOBAL exec was not an allowed global"):
+        torch.load(evil)  # weights_only=True is the default
     assert not marker.exists()
 
 
-def test_weights_only_false_runs_the_payload(tmp_path):
-    marker = tmp_path / "PAYLOAD_RAN"
-    torch.save({"note": _MarkerPayload(str(marker))}, tmp_path / "evil.pt")
-    torch.load(tmp_path / "evil.pt", weights_only=False)  # our own file, with a harmless payload
-    assert marker.is_dir()
+def test_weights_only_false_runs_the_payload(planted):
+    evil, marker = planted
+    torch.load(evil, weights_only=False)  # our own file, with a harmless payload
+    assert marker.exists()
 
 
 # --- §12 resuming --------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from mvtk.data import make_loaders
 from mvtk.env import seed_everything
 from mvtk.errors import InvalidArgumentError
 from mvtk.models import MLP, MLPv2
-from mvtk.train import History, evaluate, fit, train_one_epoch
+from mvtk.train import History, evaluate, fit, train_one_epoch, train_step
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +138,25 @@ def test_restore_best_on_resume_never_restores_a_worse_epoch(loaders):
         history=history, progress=False)
     assert history.best_epoch == best  # the best epoch was before this call: its weights are not in memory,
     assert evaluate(model, loaders.val).loss == pytest.approx(history.val_loss[-1], rel=1e-5)  # so the last stay
+
+
+def test_train_step_takes_one_gradient_step_and_returns_the_loss_before_it(mlp):
+    inputs, labels = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    before = torch.nn.functional.cross_entropy(mlp(inputs), labels)
+    loss = train_step(mlp, inputs, labels, torch.optim.SGD(mlp.parameters(), lr=0.5))
+    assert loss.item() == pytest.approx(before.item()) and loss.grad_fn is None
+    assert torch.nn.functional.cross_entropy(mlp(inputs), labels) < before
+
+
+def test_train_step_lowers_whatever_loss_it_is_given(mlp):
+    inputs, labels = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
+
+    def squared(outputs, _labels):  # any loss of (outputs, labels): distillation passes its own (Lesson 06)
+        return outputs.pow(2).mean()
+
+    before = squared(mlp(inputs), labels).item()
+    loss = train_step(mlp, inputs, labels, torch.optim.SGD(mlp.parameters(), lr=0.1), squared)
+    assert loss.item() == pytest.approx(before) and squared(mlp(inputs), labels).item() < before
 
 
 def test_train_one_epoch_refuses_something_that_is_not_a_model(loaders):

@@ -3,7 +3,8 @@
 Also export and check. Every command opens an existing registry (`--root`, default $MVTK_REGISTRY
 or ./registry), prints plain text and exits 0, or prints `error: Type: message` and exits 1;
 `check` also exits 1 when a blob is missing or corrupt. A usage error (an unknown command, a missing or
-malformed argument) is argparse's: it prints the usage and exits 2.
+malformed argument) is argparse's: it prints the usage and exits 2. `python -m mvtk.registry` runs
+`main` through the package's `__main__.py`.
 """
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import os
 import sys
 
 from mvtk.errors import MvtkError
-from mvtk.registry import Registry
-from mvtk.registry_diff import alias_cell
+from mvtk.registry.registry import Registry
+from mvtk.registry.text import alias_cell
+
+__all__ = ["main", "DEFAULT_ROOT_ENV"]
 
 DEFAULT_ROOT_ENV = "MVTK_REGISTRY"  # the registry folder when --root is not given
 
@@ -99,7 +102,3 @@ def _run_alias(registry: Registry, args: argparse.Namespace) -> str:
         mv = registry.set_alias(args.name, args.alias, args.version)
         return f"{args.name}@{args.alias} -> v{mv.version}"
     return str(registry.history_table(args.name, args.alias))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,7 +2,7 @@
 
 `ModelCheckpoint` is fit's `on_epoch_end` callback: it saves with `mvtk.checkpoint.save_checkpoint`
 under readable names, keeps the last k and best k, and points `last.pt` at the newest.
-`mvtk.checkpoint` re-exports everything here; import it from there.
+`mvtk.checkpoint` re-exports the public names here; import them from there.
 """
 from __future__ import annotations
 
@@ -14,8 +14,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mvtk.errors import CheckpointError, InvalidArgumentError
+from mvtk.checkpoint._io import history_dict, writing
+from mvtk.checkpoint.core import save_checkpoint
+from mvtk.errors import CheckpointError, InvalidArgumentError, check_int
+from mvtk.files import remove_abandoned_temps
 from mvtk.train import History
+
+__all__ = ["LAST_NAME", "ModelCheckpoint", "latest_checkpoint"]
 
 LAST_NAME = "last.pt"              # ModelCheckpoint's pointer to the newest checkpoint
 
@@ -48,8 +53,7 @@ class ModelCheckpoint:
             raise InvalidArgumentError(f"monitor must be a metric name such as 'val_loss' or None, got {monitor!r}")
         for label, value, low in (("save_top_k", save_top_k, -1), ("keep_last", keep_last, -1),
                                   ("every_n_epochs", every_n_epochs, 1), ("steps_per_epoch", steps_per_epoch, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise InvalidArgumentError(f"{label} must be an int >= {low}, got {value!r}")
+            check_int(value, label, low=low)
         self.dirpath = Path(dirpath)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.monitor, self.mode, self.save_top_k, self.keep_last = monitor, mode, save_top_k, keep_last
@@ -64,16 +68,15 @@ class ModelCheckpoint:
         """Save if `epoch` is a multiple of every_n_epochs, prune, move `last.pt` (Lesson 03, §3)."""
         if epoch % self.every_n_epochs:
             return None
-        metrics = {k: float(v[-1]) for k, v in _history_dict(history).items() if v}
+        metrics = {k: float(v[-1]) for k, v in history_dict(history).items() if v}
         if self.monitor is not None and self.monitor not in metrics:
             raise InvalidArgumentError(f"monitor {self.monitor!r} is not in the history; it has {sorted(metrics)}")
         value = metrics.get(self.monitor) if self.monitor else None
         path = self.dirpath / self.filename(epoch, value)
-        _remove_temps(self.dirpath, self.pattern.fullmatch)  # saves of any epoch a crash interrupted
-        checkpoint.save_checkpoint(path, self.model, self.optimizer, self.scheduler, epoch=epoch,
-                                   step=epoch * self.steps_per_epoch, history=history,
-                                   loader_generator=self.loader_generator, metrics=metrics, extra=self.extra,
-                                   key=self.key, name=self.name)
+        remove_abandoned_temps(self.dirpath, self.pattern.fullmatch)  # saves of any epoch a crash interrupted
+        save_checkpoint(path, self.model, self.optimizer, self.scheduler, epoch=epoch,
+                        step=epoch * self.steps_per_epoch, history=history, loader_generator=self.loader_generator,
+                        metrics=metrics, extra=self.extra, key=self.key, name=self.name)
         self.saved[path.name] = (epoch, value)
         if self.save_last:
             self._point_last(path)
@@ -119,7 +122,7 @@ class ModelCheckpoint:
             del self.saved[file_name]
 
     def _point_last(self, target: Path) -> None:
-        with _writing(self.dirpath / LAST_NAME) as tmp:
+        with writing(self.dirpath / LAST_NAME) as tmp:
             tmp.unlink()  # the link takes the temporary file's name; atomic_write renames it over last.pt
             try:
                 os.symlink(target.name, tmp)  # relative, so the folder can be moved
@@ -149,8 +152,3 @@ def latest_checkpoint(dirpath: str | os.PathLike) -> Path | None:
     epochs = [(int(m.group(1)), p) for p in folder.glob("epoch=*.pt") if (m := re.match(r"epoch=(\d+)", p.name))]
     return max(epochs)[1] if epochs else None
 
-
-# Imported last: mvtk.checkpoint imports this module at its end, so either may be imported first.
-# Public helpers are called as checkpoint.X, so a monkeypatch of mvtk.checkpoint.X applies here too.
-from mvtk import checkpoint
-from mvtk.checkpoint import _history_dict, _remove_temps, _writing

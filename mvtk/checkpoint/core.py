@@ -1,51 +1,47 @@
-"""Save, load and checkpoint models: exact resume, safe loading, integrity, encryption (Lesson 03).
+"""Save, load and verify a full training checkpoint: exact resume, safe loading, integrity (Lesson 03, §2, §4, §6).
 
 A checkpoint is one file written by `torch.save` (a zip archive) that holds only tensors and plain
 Python values, so `torch.load(path, weights_only=True)` opens it. `save_checkpoint` records the
 SHA-256 of those bytes in the zip's comment (the last bytes of the file) and writes atomically;
 `load_checkpoint` verifies the checksum before anything is unpickled, and never unpickles code.
-Periodic saving lives in `mvtk.checkpoint_periodic`, safetensors weights in `mvtk.checkpoint_weights`,
-encryption at rest in `mvtk.checkpoint_crypto`; import everything from here (this module re-exports them).
+`mvtk.checkpoint` re-exports the public names here; import them from there.
 """
 from __future__ import annotations
 
 import collections
-import contextlib
 import copy
-import errno
 import io
 import os
 import pickle
 import random
 import re
-import subprocess
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
-from mvtk.checkpoint_crypto import (ENCRYPTED_MAGIC, KEY_ENV_VAR, NONCE_BYTES, _decrypt, decrypt_bytes,  # noqa: F401
-                                    encrypt_bytes, load_key, new_key)
+from mvtk.checkpoint._io import first_line, history_dict, plain_dict, writing
+from mvtk.checkpoint.crypto import ENCRYPTED_MAGIC, decrypt_bytes, encrypt_bytes, encrypted_for
+from mvtk.env import git_commit, utc_now
 from mvtk.errors import (ArchitectureMismatchError, CheckpointError, DecryptionError, IntegrityError,
-                         InvalidArgumentError)
-from mvtk.env import utc_now
-from mvtk.files import atomic_write, sha256_bytes
+                         InvalidArgumentError, check_int, check_module)
+from mvtk.files import sha256_bytes
 from mvtk.train import History
-# KEY_ENV_VAR, NONCE_BYTES, decrypt_bytes, load_key, new_key: imported to be re-exported (the notebook uses them).
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "check_plain", "check_state_dict_fits", "checkpoint_payload",
+           "load_checkpoint", "read_checkpoint", "restore_rng_state", "rng_state", "save_checkpoint", "seal",
+           "unseal"]
 
 FORMAT = "mvtk-checkpoint"         # payload["format"]: tells an mvtk checkpoint from any other torch file
 FORMAT_VERSION = 1
 SEAL_PREFIX = b"mvtk-sha256:"      # the zip comment is this prefix + 64 hex digits
 SEAL_LEN = len(SEAL_PREFIX) + 64
 ZIP_MAGIC, EOCD_MAGIC = b"PK\x03\x04", b"PK\x05\x06"  # start of a zip file; its end-of-directory record
-GIT_TIMEOUT_S = 2.0
 STATE_KEYS = ("model", "optimizer", "scheduler", "rng")  # what load_checkpoint restores, not returns
 PLAIN = (str, int, float, bool, bytes, type(None))
 CONTAINERS = (dict, collections.OrderedDict, list, tuple, torch.Size)
 SHOW_KEYS = 8                      # how many keys an architecture-mismatch message lists per kind
-TEMP_NAME = re.compile(r"\.(.+)\.[a-z0-9_]+\.tmp")  # atomic_write's temporary file name: (target name)
 
 
 # --- §2: a full training checkpoint ---------------------------------------------------------
@@ -58,7 +54,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
 
     The file replaces `path` only once complete; its SHA-256 is stored in it. With `key`, the
     file is AES-GCM encrypted for the model `name` (default: the model's class name) (Lesson 03, §7).
-    Stale temporary files of earlier, interrupted saves of `path` are removed.
+    Abandoned temporary files of earlier saves of `path` that were interrupted (their process has exited)
+    are removed.
     """
     payload = checkpoint_payload(model, optimizer, scheduler, epoch=epoch, step=step, history=history,
                                  loader_generator=loader_generator, metrics=metrics, extra=extra)
@@ -67,7 +64,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     parts = _seal_parts(buffer.getbuffer())  # written as they are: no copy of a large model's bytes
     if key is not None:
         parts = (encrypt_bytes(b"".join(parts), key, name if name is not None else type(model).__name__),)
-    with _writing(path) as tmp:
+    with writing(path) as tmp:
         with open(tmp, "wb") as handle:
             for part in parts:
                 handle.write(part)
@@ -77,23 +74,21 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
 def checkpoint_payload(model: nn.Module, optimizer=None, scheduler=None, *, epoch: int, step: int = 0,
                        history=None, loader_generator=None, metrics=None, extra=None) -> dict:
     """The dict save_checkpoint stores: states plus metadata, checked to be plain types (Lesson 03, §2)."""
-    if not isinstance(model, nn.Module):
-        raise InvalidArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_module(model)
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise InvalidArgumentError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
     if scheduler is not None and not callable(getattr(scheduler, "state_dict", None)):
         raise InvalidArgumentError(f"scheduler must have a state_dict() method, got {type(scheduler).__name__}")
-    for label, value in (("epoch", epoch), ("step", step)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise InvalidArgumentError(f"{label} must be a non-negative int, got {value!r}")
+    check_int(epoch, "epoch", low=0)
+    check_int(step, "step", low=0)
     payload = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "model": model.state_dict(),
         "optimizer": None if optimizer is None else optimizer.state_dict(),
         "scheduler": None if scheduler is None else scheduler.state_dict(),
         "rng": rng_state(loader_generator),
-        "epoch": epoch, "step": step, "history": _history_dict(history),
-        "metrics": _plain_dict(metrics, "metrics"), "extra": _plain_dict(extra, "extra"),
+        "epoch": epoch, "step": step, "history": history_dict(history),
+        "metrics": plain_dict(metrics, "metrics"), "extra": plain_dict(extra, "extra"),
         "model_class": type(model).__name__, "torch_version": str(torch.__version__),
         "created": utc_now(), "git_commit": git_commit(),
     }
@@ -169,8 +164,8 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None, opt
     metrics, extra, model_class, torch_version, created, git_commit (str, or None outside a git
     checkout), and for an encrypted file `encrypted_for`, the model name in its header.
     """
-    if model is not None and not isinstance(model, nn.Module):
-        raise InvalidArgumentError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
+    if model is not None:
+        check_module(model)
     payload = read_checkpoint(path, map_location=map_location, key=key, name=name)
     source = str(path)
     if model is not None:
@@ -207,11 +202,11 @@ def read_checkpoint(path: str | os.PathLike, *, map_location="cpu", key: bytes |
     """
     source = str(path)
     data = _read_file(path, "checkpoint")
-    encrypted_for = None
+    encrypted_name = None
     if data.startswith(ENCRYPTED_MAGIC):
         if key is None:
             raise DecryptionError(f"checkpoint {source!r} is encrypted: pass key= (mvtk.checkpoint.load_key())")
-        data, encrypted_for = _decrypt(data, key, name, source)
+        data, encrypted_name = decrypt_bytes(data, key, name, source=source), encrypted_for(data, source=source)
     elif key is not None:
         raise DecryptionError(f"checkpoint {source!r} is not encrypted, but a key was given: refusing it (an "
                               "unencrypted file may have been put in place of an encrypted one)")
@@ -222,17 +217,16 @@ def read_checkpoint(path: str | os.PathLike, *, map_location="cpu", key: bytes |
         raise CheckpointError(f"checkpoint {source!r} holds objects that safe loading (weights_only=True) refuses; "
                               f"nothing in it was run. {_unpickler_reason(exc)}") from None
     except Exception as exc:  # torch raises RuntimeError/ValueError for a damaged archive
-        raise CheckpointError(f"checkpoint {source!r} cannot be read by torch.load: {_first_line(exc)}") from None
+        raise CheckpointError(f"checkpoint {source!r} cannot be read by torch.load: {first_line(exc)}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{source!r} is a torch file but not an mvtk checkpoint (no format={FORMAT!r} entry)")
-    version = payload.get("format_version")
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise CheckpointError(f"checkpoint {source!r} has no valid format_version (found {version!r})")
+    version = check_int(payload.get("format_version"), f"format_version of checkpoint {source!r}", low=1,
+                        error=CheckpointError)
     if version > FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {source!r} has format version {version}, newer than version "
                               f"{FORMAT_VERSION} that this mvtk reads: update mvtk to load it")
-    if encrypted_for is not None:
-        payload["encrypted_for"] = encrypted_for
+    if encrypted_name is not None:
+        payload["encrypted_for"] = encrypted_name
     return payload
 
 
@@ -298,48 +292,7 @@ def check_state_dict_fits(model: nn.Module, state: dict, source: str = "state_di
     raise ArchitectureMismatchError("\n".join(lines))
 
 
-# --- §1 and §6: files ---------------------------------------------------------------------
-
-def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files interrupted writes of `path` left; returns them (Lesson 03, §6).
-
-    Exactly the names mvtk.files.atomic_write gives `path`'s temporary files, `.<name>.<random>.tmp`:
-    those of `c.pt.enc` are not those of `c.pt`.
-    """
-    target = Path(path)
-    return _remove_temps(target.parent, lambda name: name == target.name)
-
-
-def _remove_temps(folder: Path, is_target) -> list[Path]:
-    """Delete the atomic_write temporary files in `folder` of the file names `is_target` accepts."""
-    if not folder.is_dir():
-        return []
-    stale = [p for p in folder.iterdir() if (m := TEMP_NAME.fullmatch(p.name)) and is_target(m.group(1))]
-    for tmp in stale:
-        tmp.unlink(missing_ok=True)
-    return stale
-
-
-@contextlib.contextmanager
-def _writing(path: str | os.PathLike) -> Iterator[Path]:
-    """atomic_write after removing stale temporary files, with a full disk or a read-only folder reported as a
-    CheckpointError naming the file."""
-    remove_stale_temps(path)
-    try:
-        with atomic_write(path) as tmp:
-            yield tmp
-    except OSError as exc:
-        raise _write_error(path, exc.errno, exc.strerror or str(exc)) from exc
-
-
-def _write_error(path: str | os.PathLike, code: int | None, text: str) -> CheckpointError:
-    """The CheckpointError for an OS error `code` while writing `path` (the previous file is unchanged)."""
-    why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
-           errno.EROFS: "the file system is read-only", errno.EACCES: "the folder is not writable",
-           errno.EPERM: "the folder is not writable"}.get(code, text)
-    return CheckpointError(f"cannot write {str(path)!r}: {why} ({errno.errorcode.get(code, code)}); "
-                           "the previous file under that name, if any, is unchanged")
-
+# --- helpers ------------------------------------------------------------------------------
 
 def _read_file(path: str | os.PathLike, what: str) -> bytes:
     if not isinstance(path, (str, os.PathLike)):
@@ -356,53 +309,10 @@ def _load_state(target, payload: dict, part: str, source: str) -> None:
         target.load_state_dict(payload[part])
     except (ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"the {part} state in {source!r} does not fit the {part} given: "
-                              f"{_first_line(exc)}") from None
-
-
-def _history_dict(history) -> dict:
-    if history is None:
-        return History().to_dict()
-    if isinstance(history, History):
-        return history.to_dict()
-    if isinstance(history, dict):
-        return {str(k): list(v) for k, v in history.items()}
-    raise InvalidArgumentError(f"history must be an mvtk.train.History, a dict or None, got {type(history).__name__}")
-
-
-def _plain_dict(value, label: str) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise InvalidArgumentError(f"{label} must be a dict or None, got {type(value).__name__}")
-    return dict(value)
+                              f"{first_line(exc)}") from None
 
 
 def _unpickler_reason(exc: BaseException) -> str:
     """The 'Unsupported global: ...' line of torch's long weights_only message, without its advice."""
     match = re.search(r"WeightsUnpickler error: ([^\n]*?\.)(?: Please|\n|$)", str(exc))
-    return match.group(1) if match else _first_line(exc)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
-def git_commit() -> str | None:
-    """The current folder's git commit, or None without git or a repository (2 s timeout) (Lesson 03, §5).
-
-    Not cached: a commit made between two saves is recorded by the second.
-    """
-    try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=GIT_TIMEOUT_S, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    commit = result.stdout.strip()
-    return commit if re.fullmatch(r"[0-9a-f]{40,64}", commit) else None
-
-
-# --- re-exports: periodic checkpointing and safetensors weights live in their own modules, which use the
-# helpers above; imported last, so whichever module is imported first finds the names it needs defined.
-from mvtk.checkpoint_periodic import LAST_NAME, ModelCheckpoint, latest_checkpoint  # noqa: F401
-from mvtk.checkpoint_weights import load_weights, save_weights  # noqa: F401
+    return match.group(1) if match else first_line(exc)

@@ -2,7 +2,7 @@
 
 An encrypted file is `MVTKENC1`, the model's name (2-byte length + UTF-8), a fresh 12-byte nonce,
 then the AES-GCM ciphertext and tag; the header is authenticated too, so a file cannot be passed
-off as another model's. `mvtk.checkpoint` re-exports everything here; import it from there.
+off as another model's. `mvtk.checkpoint` re-exports the public names here; import them from there.
 """
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from mvtk.errors import DecryptionError, InvalidArgumentError
 from mvtk.files import atomic_write
+
+__all__ = ["ENCRYPTED_MAGIC", "KEY_ENV_VAR", "NONCE_BYTES", "decrypt_bytes", "encrypt_bytes", "encrypted_for",
+           "load_key", "new_key"]
 
 ENCRYPTED_MAGIC = b"MVTKENC1"      # first bytes of an encrypted checkpoint
 NONCE_BYTES = 12                   # AES-GCM's standard nonce size; a fresh random one per save
@@ -68,20 +71,20 @@ def encrypt_bytes(data: bytes, key: bytes, name: str) -> bytes:
 
 def decrypt_bytes(blob: bytes, key: bytes, name: str | None = None, *, source: str = "data") -> bytes:
     """Decrypt encrypt_bytes' output; DecryptionError for a wrong key, another model or tampering (Lesson 03, §7)."""
-    return _decrypt(blob, key, name, source)[0]
-
-
-def _decrypt(blob: bytes, key: bytes, name: str | None, source: str) -> tuple[bytes, str]:
-    """(the decrypted bytes, the model name in the header) of encrypt_bytes' output."""
     _check_key(key, "key")
     header, stored, nonce, ciphertext = _parse_encrypted(blob, source)
     if name is not None and name != stored:
         raise DecryptionError(f"{source!r} is encrypted for model {stored!r}, not {name!r}")
     try:
-        return AESGCM(key).decrypt(nonce, ciphertext, header), stored
+        return AESGCM(key).decrypt(nonce, ciphertext, header)
     except InvalidTag:
         raise DecryptionError(f"cannot decrypt {source!r}: wrong key, or the file was changed after it was "
                               "encrypted (AES-GCM authentication failed)") from None
+
+
+def encrypted_for(blob: bytes, *, source: str = "data") -> str:
+    """The model name in the header of encrypt_bytes' output; authenticated only by decrypt_bytes (Lesson 03, §7)."""
+    return _parse_encrypted(blob, source)[1]
 
 
 def _parse_encrypted(blob: bytes, source: str) -> tuple[bytes, str, bytes, bytes]:

@@ -1,6 +1,6 @@
 """Weights without pickle: safetensors files with provenance metadata (Lesson 03, §5).
 
-`mvtk.checkpoint` re-exports everything here; import it from there.
+`mvtk.checkpoint` re-exports the public names here; import them from there.
 """
 from __future__ import annotations
 
@@ -14,30 +14,33 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from mvtk.env import utc_now
-from mvtk.errors import CheckpointError, InvalidArgumentError
+from mvtk.checkpoint._io import first_line, plain_dict, write_error, writing
+from mvtk.checkpoint.core import check_state_dict_fits
+from mvtk.env import git_commit, utc_now
+from mvtk.errors import CheckpointError, InvalidArgumentError, check_module
+
+__all__ = ["load_weights", "save_weights"]
 
 
 def save_weights(path: str | os.PathLike, model: nn.Module, metadata: dict[str, str] | None = None) -> Path:
     """Write the model's tensors as safetensors (no pickle) with torch version, time, git commit (Lesson 03, §5)."""
-    if not isinstance(model, nn.Module):
-        raise InvalidArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    extra = _plain_dict(metadata, "metadata")
+    check_module(model)
+    extra = plain_dict(metadata, "metadata")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
         raise InvalidArgumentError(f"safetensors metadata must map str to str, got {extra!r}")
     meta = {"format": "mvtk-weights", "model_class": type(model).__name__, "torch_version": str(torch.__version__),
             "created": utc_now()}
-    commit = checkpoint.git_commit()
+    commit = git_commit()
     if commit:
         meta["git_commit"] = commit
     meta.update(extra)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with _writing(path) as tmp:
+    with writing(path) as tmp:
         try:
             safetensors.torch.save_file(tensors, tmp, metadata=meta)
         except safetensors.SafetensorError as exc:  # safetensors' writer reports a full disk as this, not OSError
             code = re.search(r"\(os error (\d+)\)", str(exc))
-            raise _write_error(path, int(code.group(1)) if code else errno.EIO, _first_line(exc)) from exc
+            raise write_error(path, int(code.group(1)) if code else errno.EIO, first_line(exc)) from exc
     return Path(path)
 
 
@@ -53,14 +56,9 @@ def load_weights(path: str | os.PathLike, model: nn.Module | None = None, *, dev
             metadata = dict(handle.metadata() or {})
             state = {k: handle.get_tensor(k) for k in handle.keys()} if model is not None else None
     except (safetensors.SafetensorError, OSError, RuntimeError) as exc:
-        raise CheckpointError(f"{source!r} is not a readable safetensors file: {_first_line(exc)}") from None
+        raise CheckpointError(f"{source!r} is not a readable safetensors file: {first_line(exc)}") from None
     if model is not None:
-        checkpoint.check_state_dict_fits(model, state, source)
+        check_state_dict_fits(model, state, source)
         model.load_state_dict(state)
     return metadata
 
-
-# Imported last: mvtk.checkpoint imports this module at its end, so either may be imported first.
-# Public helpers are called as checkpoint.X, so a monkeypatch of mvtk.checkpoint.X applies here too.
-from mvtk import checkpoint
-from mvtk.checkpoint import _first_line, _plain_dict, _write_error, _writing

@@ -1,26 +1,27 @@
-"""The model registry's SQLite index: schema, connections, transactions and every query (Lesson 04, §2).
+"""The model registry's SQLite index: schema, connections, transactions and every query (Lesson 04, §2-§3).
 
 `index.sqlite` (stdlib sqlite3, WAL mode) holds names, versions, metadata, aliases and the
-aliases' history. `mvtk.registry.Registry` does all its reading and writing through one
-`RegistryIndex`; this module holds all of the registry's SQL, and `mvtk.registry` holds none.
+aliases' history. `Registry` (in `mvtk.registry.registry`) does all its reading and writing
+through one `RegistryIndex`, after checking its arguments; this file holds all of the
+registry's SQL and no other file holds any. Rows go in and come out as the index stores them;
+`mvtk.registry.records` turns them into records.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-import re
 import sqlite3
 import threading
 from pathlib import Path
 from typing import Iterator
 
 from mvtk.env import utc_now
-from mvtk.errors import InvalidArgumentError, NotFoundError
-from mvtk.registry_diff import alias_cell, ranges
+from mvtk.errors import NotFoundError
+from mvtk.registry.text import alias_cell, ranges
+
+__all__ = ["RegistryIndex", "SCHEMA", "BUSY_TIMEOUT_S"]
 
 BUSY_TIMEOUT_S = 60.0          # how long a writer waits while another process holds the write lock
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # no '@' or '/': `name@alias` stays readable
-ALIAS_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")      # starts with a letter: never mistaken for a version
 
 _INHERITED: list[sqlite3.Connection] = []  # connections a forked child inherited: kept, never closed there
 
@@ -122,17 +123,12 @@ class RegistryIndex:
 
     def require_name(self, conn, name: str) -> None:
         """Raise NotFoundError, listing the names, unless `name` has a version."""
-        if not isinstance(name, str):
-            raise InvalidArgumentError(f"name must be a str, got {type(name).__name__}")
         if conn.execute("SELECT 1 FROM versions WHERE name = ? LIMIT 1", (name,)).fetchone() is None:
             raise NotFoundError(f"no model named {name!r} in registry {self.label!r}; "
                                 f"its names: {', '.join(self.names(conn)) or 'none yet'}")
 
     def version_row(self, conn, name: str, version: int | None, alias: str | None) -> sqlite3.Row:
         """The row of one version: by number, by alias, or the latest; NotFoundError lists what exists."""
-        if version is not None and alias is not None:
-            raise InvalidArgumentError(f"give a version or an alias for {name!r}, not both "
-                                       f"(got {version!r} and {alias!r})")
         self.require_name(conn, name)
         if alias is not None:
             aliases = self.aliases(conn, name)
@@ -141,7 +137,6 @@ class RegistryIndex:
             version = aliases[alias]
         elif version is None:
             version = conn.execute("SELECT MAX(version) FROM versions WHERE name = ?", (name,)).fetchone()[0]
-        check_version_number(version, "version")
         row = self.find_row(conn, name, version)
         if row is None:
             raise NotFoundError(f"{name} has no version {version}; its versions: {ranges(self.numbers(conn, name))}")
@@ -219,25 +214,3 @@ def _rollback(conn: sqlite3.Connection) -> None:
         with contextlib.suppress(sqlite3.Error):
             conn.execute("ROLLBACK")
 
-
-# -- what the index accepts ----------------------------------------------------------------------------------------
-
-
-def check_name(name) -> None:
-    """Raise InvalidArgumentError unless `name` is a valid model name (Lesson 04, §2)."""
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise InvalidArgumentError(f"model name must be 1-128 letters, digits, '.', '_' or '-' (no '@' or '/'), "
-                                   f"got {name!r}")
-
-
-def check_alias(alias) -> None:
-    """Raise InvalidArgumentError unless `alias` is a valid alias such as 'production' (Lesson 04, §3)."""
-    if not isinstance(alias, str) or not ALIAS_PATTERN.fullmatch(alias):
-        raise InvalidArgumentError(f"alias must start with a letter and hold only letters, digits, '_' or '-' "
-                                   f"(e.g. 'production'), got {alias!r}")
-
-
-def check_version_number(version, what: str) -> None:
-    """Raise InvalidArgumentError unless `version` is an int >= 1 (Lesson 04, §2)."""
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise InvalidArgumentError(f"{what} must be a version number (an int >= 1), got {version!r}")

@@ -1,13 +1,16 @@
-"""What a registration records: weights, architecture recipe, metrics and where they came from (Lesson 04, §2).
+"""What the registry records, and the rules it records by (Lesson 04, §2-§3).
 
-`mvtk.registry.Registry.register` calls `new_version_row` to check its arguments and turn them into
-the safetensors bytes for the blob store and one index row; nothing here touches the disk.
+The bottom of `mvtk.registry`: the records a reader gets back (`ModelVersion`, `AliasEvent`,
+`CheckReport`), the rules for names, aliases, version numbers and checksums, and
+`new_version_row`, which checks a registration's arguments and turns them into the safetensors
+bytes for the blob store and one index row. Nothing here touches the disk.
 """
 from __future__ import annotations
 
 import json
 import math
 import re
+from dataclasses import dataclass, field
 from typing import Mapping
 
 import torch
@@ -15,20 +18,123 @@ from safetensors.torch import save as safetensors_save
 from torch import nn
 
 import mvtk
-from mvtk.checkpoint import check_state_dict_fits, git_commit
-from mvtk.env import utc_now
-from mvtk.errors import InvalidArgumentError
+from mvtk.checkpoint import check_state_dict_fits
+from mvtk.env import git_commit, utc_now
+from mvtk.errors import InvalidArgumentError, check_int
 from mvtk.files import sha256_bytes
-from mvtk.models import MLP, MODELS, MLPv2, SmallCNN, build_model
-from mvtk.registry_diff import architecture_label
-from mvtk.registry_index import check_name, check_version_number
+from mvtk.models import MLP, MODELS, MLPv2, SmallCNN, build_model, unwrap
 
+__all__ = [
+    "ModelVersion", "AliasEvent", "CheckReport",
+    "NAME_PATTERN", "ALIAS_PATTERN", "SHA256_PATTERN",
+    "check_name", "check_alias", "check_version_number", "is_sha256", "architecture_label",
+    "new_version_row", "infer_architecture", "weights_and_architecture", "version_from_row", "event_from_row",
+]
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # no '@' or '/': `name@alias` stays readable
+ALIAS_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")      # starts with a letter: never mistaken for a version
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")  # a SHA-256 as hexdigest() writes it: blob names, data fingerprints
+JSON_COLUMNS = ("architecture", "metrics", "params", "tags", "tensor_keys")  # stored as JSON text in the index
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One registered version: its weights' SHA-256 and everything needed to reproduce it (Lesson 04, §2)."""
+    name: str
+    version: int
+    sha256: str                       # of the safetensors bytes in the blob store
+    architecture: dict | None         # {"name": "mlp", "kwargs": {...}} for mvtk.models.build_model
+    metrics: dict
+    params: dict
+    tags: dict
+    notes: str
+    parent: int | None                # the version this one was fine-tuned from
+    created: str                      # ISO 8601, UTC
+    git_commit: str | None            # HEAD of the git working tree it was registered from
+    torch_version: str
+    mvtk_version: str
+    data_fingerprint: str | None      # mvtk.data.fingerprint of the training data
+    tensor_keys: tuple[str, ...] = field(default=(), repr=False)
+
+    @property
+    def ref(self) -> str:
+        """A short label such as 'digits v3'."""
+        return f"{self.name} v{self.version}"
+
+    def describe(self) -> str:
+        """Every field on its own line, as `python -m mvtk.registry show` prints it (Lesson 04, §2)."""
+        lines = [f"{self.ref}"]
+        for key in ("sha256", "architecture", "metrics", "params", "tags", "notes", "parent", "created",
+                    "git_commit", "torch_version", "mvtk_version", "data_fingerprint"):
+            value = getattr(self, key)
+            shown = json.dumps(value, sort_keys=True) if isinstance(value, dict) else value
+            lines.append(f"  {key}: {'-' if shown is None else shown}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class AliasEvent:
+    """One move of an alias: set, promote, rollback or remove, with the version before and after (Lesson 04, §3)."""
+    seq: int
+    name: str
+    alias: str
+    action: str
+    version: int | None
+    previous: int | None
+    at: str
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """What `Registry.check` found: versions whose blob is missing or corrupt, and leftovers (Lesson 04, §6)."""
+    versions: int
+    missing: tuple[str, ...]          # versions whose blob file is gone
+    corrupt: tuple[str, ...]          # versions whose blob no longer matches its SHA-256
+    orphans: tuple[str, ...]          # blobs no version uses (an interrupted register or delete); harmless
+    temp_files: tuple[str, ...]       # half-written files a killed writer left; harmless
+
+    @property
+    def ok(self) -> bool:
+        """True when every version's weights are present and match their checksum."""
+        return not self.missing and not self.corrupt
+
+
+# -- the rules --------------------------------------------------------------------------------------------------
+
+
+def check_name(name) -> None:
+    """Raise InvalidArgumentError unless `name` is a valid model name (Lesson 04, §2)."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise InvalidArgumentError(f"model name must be 1-128 letters, digits, '.', '_' or '-' (no '@' or '/'), "
+                                   f"got {name!r}")
+
+
+def check_alias(alias) -> None:
+    """Raise InvalidArgumentError unless `alias` is a valid alias such as 'production' (Lesson 04, §3)."""
+    if not isinstance(alias, str) or not ALIAS_PATTERN.fullmatch(alias):
+        raise InvalidArgumentError(f"alias must start with a letter and hold only letters, digits, '_' or '-' "
+                                   f"(e.g. 'production'), got {alias!r}")
+
+
+def check_version_number(version, what: str) -> int:
+    """Return `version` if it is an int >= 1, else raise InvalidArgumentError naming `what` (Lesson 04, §2)."""
+    return check_int(version, what, low=1, what="a version number")
 
 
 def is_sha256(value) -> bool:
     """True when `value` is a str of 64 lowercase hex digits, as hashlib's hexdigest() writes a SHA-256 (Lesson 04, §2)."""
     return isinstance(value, str) and SHA256_PATTERN.fullmatch(value) is not None
+
+
+def architecture_label(architecture: dict | None) -> str:
+    """{'name': 'mlp', 'kwargs': {'hidden': 16}} -> 'mlp(hidden=16)'; None -> 'unknown' (Lesson 04, §4)."""
+    if architecture is None:
+        return "unknown"
+    kwargs = ", ".join(f"{k}={v}" for k, v in sorted(architecture.get("kwargs", {}).items()))
+    return f"{architecture['name']}({kwargs})"
+
+
+# -- a registration: checked arguments -> index row + blob bytes -------------------------------------------------
 
 
 def new_version_row(name: str, model_or_state_dict, *, architecture: dict | None, metrics: dict | None,
@@ -75,8 +181,7 @@ def infer_architecture(model: nn.Module) -> dict | None:
 def weights_and_architecture(obj, architecture: dict | None) -> tuple[dict[str, torch.Tensor], dict | None]:
     """A CPU copy of the state_dict of a model (unwrapped) or a state_dict, and its checked recipe (Lesson 04, §2)."""
     if isinstance(obj, nn.Module):
-        while isinstance(obj, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            obj = obj.module  # register the model, not its wrapper: no 'module.' prefix (Lesson 05)
+        obj = unwrap(obj)  # register the model, not its wrapper: no 'module.' prefix (Lesson 05)
         obj = getattr(obj, "_orig_mod", obj)  # torch.compile's wrapper
         if architecture is None:
             architecture = infer_architecture(obj)
@@ -94,6 +199,25 @@ def weights_and_architecture(obj, architecture: dict | None) -> tuple[dict[str, 
     if architecture is not None:
         _check_architecture(architecture, state)
     return state, architecture
+
+
+# -- index rows -> records ------------------------------------------------------------------------------------------
+
+
+def version_from_row(row) -> ModelVersion:
+    """The ModelVersion of one index row (a mapping of column -> value) (Lesson 04, §2)."""
+    row = dict(row)
+    for key in JSON_COLUMNS:
+        row[key] = None if row[key] is None else json.loads(row[key])
+    return ModelVersion(**{**row, "tensor_keys": tuple(row["tensor_keys"])})
+
+
+def event_from_row(row) -> AliasEvent:
+    """The AliasEvent of one row of the alias history (Lesson 04, §3)."""
+    return AliasEvent(**dict(row))
+
+
+# -- helpers ------------------------------------------------------------------------------------------------------
 
 
 def _check_architecture(architecture: dict, state: dict[str, torch.Tensor]) -> None:

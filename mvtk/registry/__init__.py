@@ -1,0 +1,46 @@
+"""A local model registry: versions that only count up, aliases, diff, lineage, rollback (Lesson 04).
+
+A registry is a folder, no server: `index.sqlite` (stdlib sqlite3, WAL mode) holds names,
+versions, metadata, aliases and the aliases' history; `blobs/` holds the weights as
+safetensors files named by their SHA-256, so identical weights are stored once and loading
+never unpickles. Every write is one SQLite write transaction, so several processes can
+register at once and a killed process leaves nothing half-done. From the shell:
+`python -m mvtk.registry --help`.
+
+Import everything from here (`from mvtk.registry import Registry`); the files below hold the
+code, each importing only the ones above it:
+
+| file          | Lesson 04                                  | what it holds                                       |
+|---------------|--------------------------------------------|-----------------------------------------------------|
+| `records.py`  | §2 what a version records, §3 aliases      | ModelVersion, AliasEvent, CheckReport; the name,    |
+|               |                                            | alias and version rules; checking a registration    |
+| `text.py`     | §2-§4 tables                               | Table, the names/versions/history tables, cells     |
+| `index.py`    | §2 versions, §3 alias history              | RegistryIndex: the SQLite schema and every query    |
+| `blobs.py`    | §2 stored once, §6 loading verified        | BlobStore: safetensors files named by SHA-256       |
+| `diff.py`     | §4 Diff                                    | VersionDiff, TensorChange, compare_states           |
+| `registry.py` | §2-§3, §5 Lineage, §6 check, §7 export     | Registry: checks arguments, coordinates the rest    |
+| `cli.py`      | §7 from the shell                          | main: `python -m mvtk.registry` (`__main__.py`)     |
+"""
+from __future__ import annotations
+
+from mvtk.registry.blobs import BLOB_DIR, BLOB_SUFFIX, BlobStore
+from mvtk.registry.cli import DEFAULT_ROOT_ENV, main
+from mvtk.registry.diff import TensorChange, VersionDiff, compare_states
+from mvtk.registry.index import RegistryIndex
+from mvtk.registry.records import (AliasEvent, CheckReport, ModelVersion, architecture_label, check_alias,
+                                   check_name, check_version_number, infer_architecture, is_sha256)
+from mvtk.registry.registry import EXPORT_FORMAT, INDEX_FILE, Registry
+from mvtk.registry.text import Table
+
+__all__ = [
+    # §2-§7: the registry and the records it returns (registry, records)
+    "Registry", "ModelVersion", "AliasEvent", "CheckReport", "INDEX_FILE", "EXPORT_FORMAT",
+    # §2-§3: the rules a registration and an alias follow (records)
+    "check_name", "check_alias", "check_version_number", "is_sha256", "infer_architecture", "architecture_label",
+    # §2, §6: the index and the blob store underneath (index, blobs)
+    "RegistryIndex", "BlobStore", "BLOB_DIR", "BLOB_SUFFIX",
+    # §2-§4: tables and diffs (text, diff)
+    "Table", "VersionDiff", "TensorChange", "compare_states",
+    # §7: the command line (cli)
+    "main", "DEFAULT_ROOT_ENV",
+]
