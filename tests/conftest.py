@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,18 @@ def dead_pid() -> int:
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     return pid
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A real 256 KiB tmpfs folder (a disk that fills up); skipped, loudly, where this user cannot mount one."""
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"FULL-DISK TEST SKIPPED: cannot mount a tmpfs here ({mounted.stderr.strip() or 'not root'})")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
