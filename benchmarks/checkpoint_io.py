@@ -8,6 +8,13 @@ Reads come from the page cache for every row alike (the files were just written)
 Target: safetensors loads within 2x of the raw read of the 100 MB model; the script exits with
 status 1 if that is missed.
 
+A second table puts verification's cost against plain torch: for the same checkpoint state of the
+~100 MB model, torch.save/torch.load of that dict versus save_checkpoint (SHA-256, and + Ed25519
+signature) and load_checkpoint (verified: SHA-256, and + signature) into the model, against
+torch.load + load_state_dict. Reads come from the page cache. Target there: verified load <= 1.5x
+torch.load (printed as met or not; not an exit status). load_checkpoint hashes the file through a
+read-only memory map, then lets torch.load map the same file (mmap=True): one read, verify first.
+
     .venv/bin/python benchmarks/checkpoint_io.py [--repeats N]
 """
 from __future__ import annotations
@@ -23,13 +30,15 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from mvtk.checkpoint import load_checkpoint, load_weights, new_key, save_checkpoint, save_weights
+from mvtk.checkpoint import (checkpoint_payload, load_checkpoint, load_private_key, load_public_key, load_weights,
+                             new_key, new_signing_key, read_checkpoint, save_checkpoint, save_weights)
 from mvtk.files import atomic_write, write_bytes_atomic
 from mvtk.models import MLP
 
 THREADS = 1              # fixed, so runs compare; saving and loading are memory- and disk-bound
 BIG_LAYERS, BIG_WIDTH = 6, 2048  # 6 x Linear(2048, 2048): 25.2 M parameters, 100.7 MB of float32
 TARGET_SAFETENSORS_LOAD = 2.0    # safetensors load time / raw read time, for the ~100 MB model
+TARGET_VERIFIED_LOAD = 1.5       # read_checkpoint (SHA-256 verified) time / torch.load time, same state
 
 
 def median_time(fn, repeats: int) -> float:
@@ -90,6 +99,38 @@ def measure(label: str, model: nn.Module, folder: Path, repeats: int, key: bytes
     return rows
 
 
+def measure_verification(model: nn.Module, folder: Path, repeats: int) -> list[tuple[str, float, float]]:
+    """Rows of (what, ms, ratio to the plain torch row) for saving and loading the same checkpoint state."""
+    folder = folder / "verification"
+    folder.mkdir()
+    private, public = (load(p) for load, p in zip((load_private_key, load_public_key),
+                                                  new_signing_key(folder / "key.pem", folder / "key.pub")))
+    payload = checkpoint_payload(model, epoch=1)
+    plain, sealed, signed = folder / "plain.pt", folder / "sealed.pt", folder / "signed.pt"
+    torch_save = median_time(lambda: torch_save_atomic_obj(plain, payload), repeats)
+    torch_load = median_time(lambda: model.load_state_dict(
+        torch.load(plain, map_location="cpu", weights_only=True)["model"]), repeats)
+    rows = [("save: torch.save (atomic, fsync)", torch_save, 1.0)]
+    for what, fn in (("save: save_checkpoint (SHA-256)", lambda: save_checkpoint(sealed, model, epoch=1)),
+                     ("save: save_checkpoint + Ed25519 signature",
+                      lambda: save_checkpoint(signed, model, epoch=1, signing_key=private))):
+        seconds = median_time(fn, repeats)
+        rows.append((what, seconds, seconds / torch_save))
+    rows.append(("load: torch.load + load_state_dict", torch_load, 1.0))
+    for what, fn in (("load: load_checkpoint (SHA-256 verified)", lambda: load_checkpoint(sealed, model)),
+                     ("load: load_checkpoint + signature verified",
+                      lambda: load_checkpoint(signed, model, verify_key=public)),
+                     ("load: read_checkpoint (verified, tensors mapped)", lambda: read_checkpoint(sealed))):
+        seconds = median_time(fn, repeats)
+        rows.append((what, seconds, seconds / torch_load))
+    return rows
+
+
+def torch_save_atomic_obj(path: Path, obj) -> None:
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement, after a warm-up")
@@ -103,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for label, model in models.items():
             rows += measure(label, model, Path(tmp), args.repeats, key)
+        verification = measure_verification(models["100 MB Linear"], Path(tmp), args.repeats)
     print(f"threads={THREADS}, median of {args.repeats} after a warm-up; ratios are to a raw write (atomic, fsync) "
           "and a raw read of the same bytes; load = file -> weights in the model")
     header = f"{'model':14s} {'format':34s} {'size':>6s} {'save':>7s} {'load':>7s} {'save ms':>9s} {'load ms':>9s}"
@@ -114,6 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     met = big[4] <= TARGET_SAFETENSORS_LOAD
     print(f"\ntarget: safetensors load of the 100 MB model within {TARGET_SAFETENSORS_LOAD:.1f}x of the raw read: "
           f"{big[4]:.2f}x -> {'met' if met else 'MISSED'}")
+    print("\nverification's cost, 100 MB Linear, the same checkpoint state; ratio to torch.save / torch.load")
+    print(f"{'what':44s} {'ms':>9s} {'ratio':>7s}")
+    for what, seconds, ratio in verification:
+        print(f"{what:44s} {seconds * 1e3:9.1f} {ratio:6.2f}x")
+    verified = next(r[2] for r in verification if r[0].startswith("load: load_checkpoint (SHA"))
+    print(f"target: verified load <= {TARGET_VERIFIED_LOAD:.1f}x torch.load: {verified:.2f}x -> "
+          f"{'met' if verified <= TARGET_VERIFIED_LOAD else 'NOT MET'}")
     return 0 if met else 1
 
 

@@ -14,7 +14,7 @@ __all__ = [
     "MvtkError", "InvalidArgumentError", "DeviceUnavailableError", "DatasetError", "InputShapeError",
     "CheckpointError", "IntegrityError", "SignatureError", "ArchitectureMismatchError", "DecryptionError", "RegistryError",
     "NotFoundError", "ParallelError", "ExportError", "MonitorError",
-    "check_int", "check_positive_int", "check_number", "check_module", "expect_error",
+    "check_int", "check_positive_int", "check_number", "check_module", "check_path", "check_bytes", "expect_error",
 ]
 
 class MvtkError(Exception):
@@ -113,6 +113,25 @@ def check_number(value, name: str, *, low: float | None = None, high: float | No
     if not ok:
         raise error(f"{name} must be {what}{_range(low, high, low_open, high_open)}, got {value!r}")
     return float(value)
+
+
+def check_path(value, name: str = "path") -> "Path":
+    """`value` as a Path if it is a non-empty str or os.PathLike without NUL; else an error naming `name`."""
+    import os
+    from pathlib import Path
+
+    text = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+    if not isinstance(text, str) or not text or "\x00" in text:
+        shown = repr(value) if isinstance(value, str) else type(value).__name__
+        raise InvalidArgumentError(f"{name} must be a str or os.PathLike naming a file, got {shown}")
+    return Path(text)
+
+
+def check_bytes(value, name: str) -> bytes | bytearray | memoryview:
+    """`value` if it is bytes, bytearray or memoryview; else an InvalidArgumentError naming `name`."""
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise InvalidArgumentError(f"{name} must be bytes, got {type(value).__name__}")
+    return value
 
 
 def check_module(value, name: str = "model", error: type[MvtkError] = InvalidArgumentError):

@@ -8,9 +8,15 @@ into a cache keyed by its SHA-256, behind input validation.
 from __future__ import annotations
 
 import copy
+import hashlib
+import hmac
 import io
+import json
 import os
+import posixpath
 import tempfile
+import warnings
+import zipfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,16 +28,19 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from mvtk.errors import ExportError, InputShapeError, InvalidArgumentError, check_module, check_positive_int
-from mvtk.files import atomic_write, write_bytes_atomic
+from mvtk.errors import (ExportError, check_path, InputShapeError, IntegrityError, InvalidArgumentError, check_module,
+                         check_positive_int)
+from mvtk.files import atomic_write, sha256_bytes, sha256_file, write_bytes_atomic, write_error
 from mvtk.models import copy_model, eval_mode, model_device, sample_shape
 from mvtk.timing import median_latencies
 
 __all__ = [
     "INPUT_NAME", "OUTPUT_NAME", "BATCH_DIM", "PARITY_RTOL", "PARITY_ATOL", "INT8_OP_TYPES", "SOURCE_TRACE_KEY",
-    "predict_logits", "export_onnx", "drop_source_traces", "check_onnx", "OnnxSummary", "describe_onnx",
+    "MANIFEST_SUFFIX", "SOURCE_KEY",
+    "predict_logits", "manifest_path", "write_manifest", "verify_manifest", "export_onnx", "drop_source_traces", "check_onnx", "OnnxSummary", "describe_onnx",
     "onnx_files", "onnx_size", "load_session", "run_onnx", "Parity", "check_parity", "Latency",
-    "compare_latency", "engine_latencies", "quantize_onnx", "save_exported", "load_exported", "Prediction",
+    "compare_latency", "engine_latencies", "quantize_onnx", "save_exported", "check_pt2_archive", "load_exported",
+    "Prediction",
     "Predictor", "cpu_eval_copy",
 ]
 
@@ -41,6 +50,8 @@ BATCH_DIM = "batch"      # the name of the dynamic batch dimension inside the ON
 PARITY_RTOL, PARITY_ATOL = 1e-3, 1e-5  # ONNX Runtime vs PyTorch, float32 on the CPU
 INT8_OP_TYPES = ("MatMul", "Gemm")     # quantize the linear layers; ConvInteger is slow on ORT's CPU
 SOURCE_TRACE_KEY = "pkg.torch.onnx.stack_trace"  # node metadata holding the exporting machine's file paths
+MANIFEST_SUFFIX = ".sha256"  # model.onnx -> model.onnx.sha256: `sha256sum` lines for the file and its .data
+SOURCE_KEY = "mvtk.source_sha256"  # ONNX metadata: SHA-256 of the registry weights the Predictor exported
 
 
 # -- §1 preparing for inference ---------------------------------------------------------------------------
@@ -63,24 +74,117 @@ def predict_logits(model: nn.Module, images: torch.Tensor, *, batch_size: int = 
 # -- §2 exporting and inspecting --------------------------------------------------------------------------
 
 
+def manifest_path(path: str | os.PathLike) -> Path:
+    """Where the SHA-256 manifest of a file mvtk exported lives: `<path>.sha256` beside it (Lesson 07, §2)."""
+    path = check_path(path, "path")
+    return path.with_name(path.name + MANIFEST_SUFFIX)
+
+
+def write_manifest(path: str | os.PathLike, files: Sequence[str | os.PathLike] | None = None) -> Path:
+    """Record the SHA-256 of `path` and of `files` beside it in `<path>.sha256`; returns that path (Lesson 07, §2).
+
+    One `sha256sum` line per file (`<hex>  <name>`), so `sha256sum -c model.onnx.sha256` checks it
+    too. `files` default to `path` alone; every file must sit in `path`'s folder. Written atomically.
+    """
+    path = check_path(path, "path")
+    files = [path] if files is None else [check_path(f, "files") for f in files]
+    lines = []
+    for file in files:
+        if file.parent != path.parent:
+            raise InvalidArgumentError(f"a manifest covers files in one folder; {str(file)!r} is not beside {path.name}")
+        lines.append(f"{sha256_file(file)}  {file.name}\n")
+    target = manifest_path(path)
+    _write_or_explain(target, lambda tmp: tmp.write_text("".join(lines)))
+    return target
+
+
+def verify_manifest(path: str | os.PathLike) -> bool:
+    """Check `path` and the files its `<path>.sha256` lists against their recorded SHA-256 (Lesson 07, §2).
+
+    Returns True when every file matches, False when there is no manifest (a file exported
+    elsewhere: accepted, but unverified). A missing file, a different SHA-256 or a damaged manifest
+    raises IntegrityError naming the file. A checksum detects corruption, not a deliberate edit:
+    whoever can change the file can rewrite its manifest too.
+    """
+    recorded = _recorded(path)
+    if recorded is None:
+        return False
+    path = Path(path)
+    for name, expected in recorded.items():
+        file = path.parent / name
+        if not file.is_file():
+            raise IntegrityError(f"{str(file)!r} is missing: {manifest_path(path).name} lists it as part of {path.name}")
+        _check_digest(file, sha256_file(file), expected, manifest_path(path).name)
+    return True
+
+
+def _recorded(path) -> dict[str, str] | None:
+    """File name -> SHA-256 from `<path>.sha256`, with `path` itself listed; None without a manifest."""
+    target = manifest_path(path)
+    if not target.is_file():
+        return None
+    try:
+        text = target.read_text(encoding="ascii")
+        recorded = {}
+        for line in text.splitlines():
+            digest, name = line.split("  ", 1)
+            if len(digest) != 64 or set(digest) - set("0123456789abcdef") or Path(name).name != name or name in (".", ".."):
+                raise ValueError(line)
+            recorded[name] = digest
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise IntegrityError(f"{str(target)!r} is not a SHA-256 manifest written by mvtk (damaged line "
+                             f"{str(exc)[:60]!r}); cannot verify {Path(path).name}") from None
+    if Path(path).name not in recorded:
+        raise IntegrityError(f"{str(target)!r} does not list {Path(path).name}; cannot verify it")
+    return recorded
+
+
+def _check_digest(file: Path, actual: str, expected: str, manifest: str) -> None:
+    if not hmac.compare_digest(actual, expected):
+        raise IntegrityError(f"{str(file)!r} does not match the SHA-256 recorded in {manifest} when mvtk wrote it "
+                             f"(expected {expected[:12]}..., got {actual[:12]}...): the file is damaged or was changed")
+
+
+def _write_or_explain(path: Path, write: Callable[[Path], Any], error: type[Exception] = ExportError) -> None:
+    """atomic_write `path` with `write(tmp)`; an OSError (a full disk) becomes `error` naming the file."""
+    try:
+        with atomic_write(path) as tmp:
+            write(tmp)
+    except OSError as exc:
+        raise write_error(path, exc, error) from exc
+
+
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike, *,
-                dynamic_batch: bool = True, external_data: bool = False, opset: int | None = None) -> Path:
+                dynamic_batch: bool = True, external_data: bool = False, opset: int | None = None,
+                metadata: dict[str, str] | None = None) -> Path:
     """Export an eval-mode CPU copy of `model` to ONNX at `path` with the dynamo exporter; returns the path.
 
     Lesson 07, §2. The model itself is not changed. `example` is one batch of input; with
     `dynamic_batch` the graph accepts any batch size. `external_data=True` writes the weights to
     `<path>.data` beside the graph (torch's default layout, needed above 2 GB); False writes one
     self-contained file. `opset` picks the ONNX operator-set version (None: the exporter's default).
+    `metadata` (str -> str) goes into the model's metadata_props, e.g. where the weights came from.
     Files are written atomically and the result passes `onnx.checker`; a model the exporter cannot
-    capture raises ExportError. The exporter's per-node Python stack traces are dropped: they hold absolute paths of the
+    capture raises ExportError, and so does a full disk (naming the file; the old files stay as they
+    were). `<path>.sha256` records the SHA-256 of the graph and its .data (see verify_manifest), and
+    check_onnx, describe_onnx, load_session and Predictor verify it. The exporter's per-node Python stack traces are dropped: they hold absolute paths of the
     exporting machine, so without them the same model gives the same bytes wherever it is exported.
     """
     check_module(model)
     example = _check_tensor(example, "example")
     path = _check_onnx_path(path)
+    if metadata is not None and not (isinstance(metadata, dict)
+                                     and all(isinstance(x, str) for kv in metadata.items() for x in kv)):
+        raise InvalidArgumentError(f"metadata must be a dict of str to str or None, got {metadata!r}")
     program = _to_onnx_program(model, example, dynamic_batch, opset)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _save_checked(drop_source_traces(program.model_proto), path, external_data)
+    proto = drop_source_traces(program.model_proto)
+    if metadata:
+        onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, **metadata})
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _save_checked(proto, path, external_data)
+    except OSError as exc:  # a full disk, a read-only folder: name the file, say that the old one is intact
+        raise write_error(path, exc, ExportError) from exc
     return path
 
 
@@ -118,8 +222,9 @@ def _to_onnx_program(model: nn.Module, example: torch.Tensor, dynamic_batch: boo
 def _save_checked(proto: onnx.ModelProto, path: Path, external_data: bool) -> None:
     data_path = path.with_name(path.name + ".data")
     # Save under the final names in a staging folder and check there, so a model that fails the
-    # checker never reaches `path`; then move the data first and the graph last, each atomically,
-    # so the .onnx file on disk never points at data that is not there yet.
+    # checker never reaches `path`; then move the data first, the graph next and the manifest last,
+    # each atomically, so the .onnx file on disk never points at data that is not there yet, and an
+    # export killed half-way fails verification instead of loading a mix of old and new files.
     with tempfile.TemporaryDirectory(dir=path.parent) as staging:
         staged = Path(staging) / path.name
         if external_data:
@@ -128,27 +233,40 @@ def _save_checked(proto: onnx.ModelProto, path: Path, external_data: bool) -> No
         else:
             onnx.save_model(proto, os.fspath(staged))
         check_onnx(staged)
+        files = [staged, staged.with_name(data_path.name)] if external_data else [staged]
+        write_manifest(staged, files)
         if external_data:
             with atomic_write(data_path) as tmp:
                 os.replace(staged.with_name(data_path.name), tmp)
         with atomic_write(path) as tmp:
             os.replace(staged, tmp)
+        with atomic_write(manifest_path(path)) as tmp:
+            os.replace(manifest_path(staged), tmp)
     if not external_data:
         data_path.unlink(missing_ok=True)  # an older two-file export's weights, no longer referenced
 
 
 def check_onnx(path: str | os.PathLike) -> Path:
-    """Run onnx.checker (full check, with shape inference) on a saved model; returns its path (Lesson 07, §2).
+    """Verify a saved model's SHA-256 manifest, then run onnx.checker (full check); returns its path (Lesson 07, §2).
 
-    Raises ExportError naming the file when it is missing, unreadable or invalid.
+    Raises ExportError naming the file when it is missing, unreadable or invalid, IntegrityError when
+    it (or its .data) differs from `<path>.sha256`. A file without a manifest (exported elsewhere) is
+    checked by onnx.checker only: its bytes are unverified.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"no ONNX file at {str(path)!r}")
+    path = _existing_onnx(path)
     try:
         onnx.checker.check_model(os.fspath(path), full_check=True)  # a path, so external data is found
     except Exception as exc:
         raise ExportError(f"{path.name} is not a valid ONNX model: {_first_line(exc)}") from exc
+    return path
+
+
+def _existing_onnx(path) -> Path:
+    """`path` as a Path after checking that it is an existing file and matches its manifest, if any."""
+    path = check_path(path, "path")
+    if not path.is_file():
+        raise ExportError(f"no ONNX file at {str(path)!r}")
+    verify_manifest(path)
     return path
 
 
@@ -168,8 +286,8 @@ class OnnxSummary:
 
 
 def describe_onnx(path: str | os.PathLike) -> OnnxSummary:
-    """Summarise a saved ONNX model without loading its weights into memory (Lesson 07, §2)."""
-    path = Path(path)
+    """Summarise a saved ONNX model, its manifest verified when present, weights left on disk (Lesson 07, §2)."""
+    path = _existing_onnx(path)
     proto = _load_graph_only(path)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     return OnnxSummary(
@@ -183,12 +301,14 @@ def describe_onnx(path: str | os.PathLike) -> OnnxSummary:
 
 def onnx_files(path: str | os.PathLike) -> list[Path]:
     """The files an ONNX model consists of: the .onnx graph, then its external data files (Lesson 07, §2)."""
-    path = Path(path)
+    path = check_path(path, "path")
     proto = _load_graph_only(path)
     locations = []
     for tensor in proto.graph.initializer:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             location = next(e.value for e in tensor.external_data if e.key == "location")
+            if Path(location).name != location or location in (".", ".."):  # ORT refuses these too
+                raise ExportError(f"{path.name} points at external data outside its folder: {location!r}")
             if location not in locations:
                 locations.append(location)
     return [path] + [path.parent / location for location in locations]
@@ -221,13 +341,12 @@ def load_session(path: str | os.PathLike, *, threads: int | None = None) -> ort.
     """An ONNX Runtime CPU session for a saved model with `threads` intra-op threads (Lesson 07, §3).
 
     None (the default) uses torch's current thread count, `torch.get_num_threads()`, so the two
-    engines are timed on equal terms.
+    engines are timed on equal terms. The file's `<path>.sha256` manifest is verified first
+    (IntegrityError on a mismatch); a file without one, exported elsewhere, is loaded unverified.
     """
     threads = torch.get_num_threads() if threads is None else threads
     check_positive_int(threads, "threads")
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"no ONNX file at {str(path)!r}")
+    path = _existing_onnx(path)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -346,22 +465,27 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, *,
 
     Weights of `op_types` nodes become int8 (None: every supported op, Conv included);
     activations are quantized on the fly. The model is pre-processed (shape inference,
-    graph optimisation) first, as ONNX Runtime recommends. One self-contained file is written.
+    graph optimisation) first, as ONNX Runtime recommends. One self-contained file is written, with
+    its `<dst>.sha256` manifest; `src`'s manifest is verified first when it has one.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    src, dst = Path(src), _check_onnx_path(dst)
+    src, dst = check_path(src, "src"), _check_onnx_path(dst)
     check_onnx(src)
     if op_types is not None and (isinstance(op_types, str) or not all(isinstance(o, str) for o in op_types)):
         raise InvalidArgumentError(f"op_types must be a list of ONNX op names such as ['MatMul', 'Gemm'] or None, "
                                    f"got {op_types!r}")
-    with tempfile.TemporaryDirectory() as work, atomic_write(dst) as tmp:
-        prepared = os.path.join(work, "prepared.onnx")
-        quant_pre_process(os.fspath(src), prepared)
-        quantize_dynamic(prepared, os.fspath(tmp), weight_type=QuantType.QInt8, per_channel=per_channel,
-                         op_types_to_quantize=None if op_types is None else list(op_types))
-    check_onnx(dst)
+    try:
+        with tempfile.TemporaryDirectory() as work, atomic_write(dst) as tmp:
+            prepared = os.path.join(work, "prepared.onnx")
+            quant_pre_process(os.fspath(src), prepared)
+            quantize_dynamic(prepared, os.fspath(tmp), weight_type=QuantType.QInt8, per_channel=per_channel,
+                             op_types_to_quantize=None if op_types is None else list(op_types))
+            check_onnx(tmp)
+    except OSError as exc:
+        raise write_error(dst, exc, ExportError) from exc
+    write_manifest(dst)
     return dst
 
 
@@ -370,10 +494,14 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, *,
 
 def save_exported(model: nn.Module, example: torch.Tensor, path: str | os.PathLike, *,
                   dynamic_batch: bool = True) -> Path:
-    """torch.export an eval-mode CPU copy of `model` and save the program as a .pt2 file (Lesson 07, §6)."""
+    """torch.export an eval-mode CPU copy of `model` and save the program as a .pt2 file (Lesson 07, §6).
+
+    The file is written atomically, with `<path>.sha256` beside it (load_exported verifies it); a full
+    disk raises ExportError naming the file, and the old file stays as it was.
+    """
     check_module(model)
     example = _check_tensor(example, "example").detach().cpu()
-    path = Path(path)
+    path = check_path(path, "path")
     if path.suffix != ".pt2":
         raise InvalidArgumentError(f"path must end in .pt2, got {str(path)!r}")
     if dynamic_batch and example.shape[0] == 1:
@@ -385,16 +513,120 @@ def save_exported(model: nn.Module, example: torch.Tensor, path: str | os.PathLi
         raise ExportError(f"torch.export could not capture {type(model).__name__}: {_first_line(exc)}") from exc
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
-    return write_bytes_atomic(path, buffer.getvalue())
+    data = buffer.getvalue()
+    _write_or_explain(path, lambda tmp: tmp.write_bytes(data))
+    _write_or_explain(manifest_path(path), lambda tmp: tmp.write_text(f"{sha256_bytes(data)}  {path.name}\n"))
+    return path
+
+
+_TEXT_ENTRIES = ("archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id")
+
+
+def check_pt2_archive(data: bytes, name: str = "the .pt2 file") -> None:
+    """Refuse a .pt2 archive in which torch.export.load could unpickle code; ExportError names the entry (Lesson 07, §6).
+
+    torch 2.14's loader unpickles with weights_only=False, or runs native code, in these places:
+    `_package._load_exported_programs` -> `serialize.deserialize_torch_artifact` for
+    `data/sample_inputs/<model>.pt` (tries weights_only=True, then falls back to False);
+    `_package._load_state_dict` / `_load_constants` for every weights/constants entry whose
+    `*_config.json` says `"use_pickle": true` (torch.load weights_only=False), for constants named
+    `custom_obj_*` (torch._C._pickle_load_obj) and `opaque_obj_*` (pickle.loads), and for the legacy
+    `data/weights/<model>.pt` / `data/constants/<model>.pt` files (deserialize_torch_artifact);
+    `load_pt2` loads AOTInductor shared libraries under `data/aotinductor/`; and `torch.export.load`
+    falls back to torch 2.7's zip layout (serialized_*.json, deserialize_torch_artifact) when the
+    archive holds no program. So, before torch sees the bytes: the archive must be one zip with
+    every entry under one root folder, no duplicate names, no `..`, absolute or backslash names,
+    an `archive_format` of "pt2" and no `data/aotinductor/` entry nor `custom_obj_`/`opaque_obj_`
+    constant; every entry must be a known text entry (the version files, `models/*.json`, the
+    `*_config.json` files, `extra/*`), raw tensor bytes that a config lists with use_pickle false,
+    or load with torch.load(weights_only=True). What is not checked: the graph JSON itself, which
+    can call any operator registered in this process; a .pt2 file is a program, not a sandbox.
+    """
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        infos = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise ExportError(f"{name} is not a torch.export .pt2 archive (not a zip file: {exc})") from None
+    names = [info.filename for info in infos]
+    if not names:
+        raise ExportError(f"{name} is an empty zip file, not a torch.export .pt2 archive")
+    for entry in names:
+        parts = entry.split("/")
+        if entry.startswith("/") or "\\" in entry or ".." in parts or (len(entry) > 1 and entry[1] == ":"):
+            raise ExportError(f"{name} refused: archive entry {entry!r} has an absolute or parent ('..') path")
+    root = names[0].split("/")[0]
+    relative = {}
+    for info in infos:
+        head, sep, rest = info.filename.partition("/")
+        if head != root or not sep:
+            raise ExportError(f"{name} refused: archive entry {info.filename!r} is outside the root folder {root!r}")
+        if rest in relative:
+            raise ExportError(f"{name} refused: archive entry {info.filename!r} appears twice")
+        if not info.is_dir():
+            relative[rest] = info
+
+    def read(rest: str) -> bytes:
+        try:
+            return archive.read(relative[rest])
+        except (zipfile.BadZipFile, OSError, NotImplementedError, RuntimeError) as exc:
+            raise ExportError(f"{name} refused: entry {root}/{rest} cannot be read ({exc})") from None
+
+    if "archive_format" not in relative or read("archive_format") != b"pt2":
+        raise ExportError(f"{name} refused: it has no {root}/archive_format entry saying 'pt2' (only the "
+                          "torch.export.save layout of torch >= 2.8 is loaded)")
+    raw = set()  # entries torch reads as raw tensor bytes, never unpickled
+    for rest in relative:
+        if rest.startswith("data/aotinductor/"):
+            raise ExportError(f"{name} refused: entry {root}/{rest} is AOTInductor native code, which loading runs")
+        folder = ("data/weights/" if rest.startswith("data/weights/") and rest.endswith("_weights_config.json")
+                  else "data/constants/" if rest.startswith("data/constants/") and rest.endswith("_constants_config.json")
+                  else None)
+        if folder is None:
+            continue
+        try:
+            config = json.loads(read(rest))["config"]
+            payloads = [(fqn, meta["path_name"], bool(meta.get("use_pickle"))) for fqn, meta in config.items()]
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ExportError(f"{name} refused: entry {root}/{rest} is not a payload config ({exc!r})") from None
+        for fqn, path_name, use_pickle in payloads:
+            if not isinstance(path_name, str) or posixpath.basename(path_name) != path_name or path_name in ("", ".", ".."):
+                raise ExportError(f"{name} refused: {root}/{rest} points {fqn!r} at {path_name!r}, outside {folder}")
+            if folder == "data/constants/" and path_name.startswith(("custom_obj_", "opaque_obj_")):
+                raise ExportError(f"{name} refused: constant {fqn!r} ({root}/{folder}{path_name}) is a pickled "
+                                  "Python object, which torch would unpickle without weights_only")
+            if not use_pickle:
+                raw.add(folder + path_name)
+    for rest in relative:
+        if (rest in _TEXT_ENTRIES or rest in raw or rest.startswith("extra/")
+                or rest.endswith(".json") and (rest.startswith("models/") or rest.endswith("_config.json"))):
+            continue  # read as text or raw bytes: never unpickled
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.load(io.BytesIO(read(rest)), weights_only=True)
+        except Exception as exc:
+            raise ExportError(f"{name} refused: entry {root}/{rest} is not loadable with torch.load(weights_only=True) "
+                              f"and torch.export.load would unpickle it ({type(exc).__name__})") from None
 
 
 def load_exported(path: str | os.PathLike) -> nn.Module:
-    """Load a .pt2 file saved by save_exported as a callable module, no Python class needed (Lesson 07, §6)."""
-    path = Path(path)
+    """Load a .pt2 file saved by save_exported as a callable module, no Python class needed (Lesson 07, §6).
+
+    The bytes are read once: checked against `<path>.sha256` when it exists (IntegrityError on a
+    mismatch; without one the file is unverified), then scanned by check_pt2_archive (ExportError for
+    an archive torch would unpickle code from), and only then handed to torch.export.load. The
+    graph can still call any registered operator: load .pt2 files only from people you trust.
+    """
+    path = check_path(path, "path")
     if not path.is_file():
         raise ExportError(f"no .pt2 file at {str(path)!r}")
+    data = path.read_bytes()
+    recorded = _recorded(path)
+    if recorded is not None:
+        _check_digest(path, sha256_bytes(data), recorded[path.name], manifest_path(path).name)
+    check_pt2_archive(data, path.name)
     try:
-        return torch.export.load(os.fspath(path)).module()
+        return torch.export.load(io.BytesIO(data)).module()
     except Exception as exc:
         raise ExportError(f"{path.name} is not a loadable torch.export program: {type(exc).__name__}") from exc
 
@@ -416,7 +648,10 @@ class Predictor:
 
     def __init__(self, onnx_path: str | os.PathLike, *, value_range: tuple[float, float] | None = (0.0, 1.0),
                  threads: int | None = None, source: str | None = None):
-        """Open `onnx_path` (checked, then loaded in an ONNX Runtime CPU session with `threads`, see load_session).
+        """Open `onnx_path` (manifest verified when present, checked, then loaded in an ONNX Runtime CPU session).
+
+        `threads`: see load_session. A file with a `<onnx_path>.sha256` that does not match raises
+        IntegrityError; a file without one (exported elsewhere) is served unverified.
 
         `value_range` is the (low, high) range of pixel values seen in training: a batch with values
         outside it is refused; None turns that check off (for inputs that are not scaled images).
@@ -424,14 +659,15 @@ class Predictor:
         """
         if value_range is not None and not _is_range(value_range):
             raise InvalidArgumentError(f"value_range must be (low, high) with low < high, or None, got {value_range!r}")
-        self.path = Path(onnx_path)
-        check_onnx(self.path)
+        self.path = check_onnx(onnx_path)  # verifies <onnx_path>.sha256 when it exists
         self.session = load_session(self.path, threads=threads)
         graph_input = self.session.get_inputs()[0]
         self.input_shape = tuple(graph_input.shape[1:])   # one sample, e.g. (1, 16, 16)
         if not all(isinstance(d, int) for d in self.input_shape):
             raise ExportError(f"{self.path.name}: only the batch dimension may be dynamic, "
                               f"got input shape {graph_input.shape}")
+        if source is not None and not isinstance(source, str):
+            raise InvalidArgumentError(f"source must be a str such as 'digits-cnn v1' or None, got {type(source).__name__}")
         self.value_range = value_range
         self.source = source or self.path.name
 
@@ -447,20 +683,27 @@ class Predictor:
         The export goes to `cache_dir/<name>-v<version>-<sha256[:16]>.onnx` once it has been checked for
         parity with the PyTorch weights (it is exported and checked under a staging name first, so a
         file that fails the check never reaches the cache); a later call for the same weights reuses it.
+        Before reuse, the cached file is verified against its `.sha256` manifest and its recorded source
+        (the registry version's full weights SHA-256, in the ONNX metadata under SOURCE_KEY); a file
+        that fails either (damaged, edited, or left half-written) is rebuilt, with a warning.
         `kwargs` go to Predictor (value_range, threads).
         """
         mv = registry.get(name, version=version, alias=None if version is not None else alias)
-        cache = Path(cache_dir)
+        cache = check_path(cache_dir, "cache_dir")
         path = cache / f"{mv.name}-v{mv.version}-{mv.sha256[:16]}.onnx"
-        if not path.is_file():
+        problem = _cache_problem(path, mv.sha256)
+        if problem is not None:
+            if path.exists():
+                warnings.warn(f"rebuilding {path.name}: {problem}", stacklevel=2)
             model = registry.load_model(mv.name, version=mv.version)
             shape = tuple(input_shape) if input_shape is not None else sample_shape(model)
             example = torch.rand(2, *shape, generator=torch.Generator().manual_seed(0))
             cache.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=cache, prefix=".staging-") as staging:
-                staged = export_onnx(model, example, Path(staging) / path.name)
+                staged = export_onnx(model, example, Path(staging) / path.name, metadata={SOURCE_KEY: mv.sha256})
                 check_parity(model, load_session(staged), example)
-                os.replace(staged, path)  # one atomic rename: the cache holds checked files only
+                os.replace(staged, path)  # the graph, then its manifest: each one atomic rename
+                os.replace(manifest_path(staged), manifest_path(path))
         return cls(path, source=f"{mv.name} v{mv.version}", **kwargs)
 
     def validate(self, images: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -509,6 +752,21 @@ def cpu_eval_copy(model: nn.Module) -> nn.Module:
     return copy_model(model).cpu().eval()
 
 
+def _cache_problem(path: Path, weights_sha256: str) -> str | None:
+    """Why the cached ONNX file at `path` cannot be served for these weights, or None when it can."""
+    if not path.is_file():
+        return "not in the cache"
+    try:
+        if not verify_manifest(path):
+            return f"no {manifest_path(path).name} to verify it against"
+        props = {p.key: p.value for p in _load_graph_only(path).metadata_props}
+    except (IntegrityError, ExportError) as exc:
+        return str(exc)
+    if props.get(SOURCE_KEY) != weights_sha256:
+        return f"it was exported from other weights ({props.get(SOURCE_KEY, 'unrecorded')[:12]}...)"
+    return None
+
+
 def _is_range(value) -> bool:
     try:
         low, high = value
@@ -534,6 +792,8 @@ def _check_onnx_path(path) -> Path:
     return Path(path)
 
 
+
+
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
@@ -541,7 +801,19 @@ def _first_line(exc: BaseException) -> str:
 
 def _to_numpy(images, name: str, error: type[Exception] = InvalidArgumentError) -> np.ndarray:
     if isinstance(images, torch.Tensor):
-        return images.detach().cpu().numpy()
+        if images.layout != torch.strided:
+            raise error(f"{name} must be a dense tensor, got layout {images.layout}; convert with images.to_dense()")
+        if images.device.type == "meta":
+            raise error(f"{name} is a meta tensor: it has a shape but no values; pass a tensor with data")
+        if images.is_quantized or images.is_complex():
+            raise error(f"{name} must hold real float32 values, got dtype {images.dtype}; convert with images.float()")
+        try:
+            return images.detach().cpu().resolve_conj().resolve_neg().numpy()
+        except (TypeError, RuntimeError) as exc:  # bfloat16, float8: dtypes numpy has no type for
+            raise error(f"{name} has dtype {images.dtype}, which numpy cannot hold; convert with images.float() "
+                        f"({_first_line(exc)[:80]})") from None
     if isinstance(images, np.ndarray):
+        if images.dtype.kind not in "biuf":
+            raise error(f"{name} must hold real numbers (float32), got a numpy array of dtype {images.dtype}")
         return images
     raise error(f"{name} must be a torch.Tensor or numpy array, got {type(images).__name__}")

@@ -7,6 +7,7 @@ half-written file where a good one was.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -15,10 +16,10 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-from mvtk.errors import InvalidArgumentError
+from mvtk.errors import InvalidArgumentError, MvtkError, check_path
 
 __all__ = ["CHUNK", "TEMP_NAME", "atomic_write", "abandoned_temps", "remove_abandoned_temps", "write_bytes_atomic",
-           "sha256_file", "sha256_bytes"]
+           "sha256_file", "sha256_bytes", "remove_stale_temps", "writing", "write_error"]
 
 CHUNK = 1 << 20  # read files in 1 MiB pieces
 
@@ -76,6 +77,42 @@ def remove_abandoned_temps(folder: str | os.PathLike, is_target: Callable[[str],
     for tmp in removed:
         tmp.unlink(missing_ok=True)
     return removed
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that interrupted writes of `path` left; returns them (Lesson 03, §6).
+
+    Only abandoned ones: files named as atomic_write names `path`'s temporary files
+    (`.<name>.<pid>-<random>.tmp`) whose writing process has exited. A live process's file may be a
+    save in progress and is kept; those of `c.pt.enc` are not those of `c.pt`.
+    """
+    target = check_path(path)
+    return remove_abandoned_temps(target.parent, lambda name: name == target.name)
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike, error: type[MvtkError] = InvalidArgumentError) -> Iterator[Path]:
+    """atomic_write after remove_stale_temps; an OSError becomes `error` naming the file (Lessons 03, 04, 06, 07).
+
+    So a full disk or a read-only folder reads the same whichever kind of file was being saved.
+    """
+    check_path(path)
+    try:
+        remove_stale_temps(path)
+        with atomic_write(path) as tmp:
+            yield tmp
+    except OSError as exc:
+        raise write_error(path, exc, error) from exc
+
+
+def write_error(path: str | os.PathLike, exc: OSError, error: type[MvtkError] = InvalidArgumentError) -> MvtkError:
+    """The `error` for an OSError while writing `path`, in words, saying the old file is unchanged (Lesson 03, §6)."""
+    code = exc.errno
+    why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+           errno.EROFS: "the file system is read-only", errno.EACCES: "the folder is not writable",
+           errno.EPERM: "the folder is not writable"}.get(code, exc.strerror or str(exc))
+    return error(f"cannot write {str(path)!r}: {why} ({errno.errorcode.get(code, code)}); "
+                 "the previous file under that name, if any, is unchanged")
 
 
 def _alive(pid: int) -> bool:

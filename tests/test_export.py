@@ -1,14 +1,18 @@
 """Lesson 07's claims: export -> check -> run for both models, any batch size, int8, .pt2, a Predictor that refuses bad input."""
 import copy
+import io
+import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 import torch
 
 from mvtk import export
-from mvtk.errors import ExportError, InputShapeError, InvalidArgumentError
+from mvtk.errors import ExportError, InputShapeError, IntegrityError, InvalidArgumentError, MvtkError
 from mvtk.models import MLP, SmallCNN
 from mvtk.registry import Registry
 
@@ -254,7 +258,8 @@ def test_a_parity_failure_leaves_nothing_in_the_cache(tmp_path, monkeypatch):
     assert list((tmp_path / "cache").iterdir()) == []  # no cached file, no staging folder
     monkeypatch.undo()
     predictor = export.Predictor.from_registry(registry, "digits-mlp", cache_dir=tmp_path / "cache")
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == [predictor.path.name]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [predictor.path.name,
+                                                                        predictor.path.name + ".sha256"]
 
 
 def test_a_pruned_model_that_has_taken_a_training_step_exports(tmp_path):
@@ -292,3 +297,185 @@ def test_engine_latencies_rejects_a_label_used_twice(exported):
 def test_predictor_rejects_a_value_range_that_is_not_low_high(served, value_range):
     with pytest.raises(InvalidArgumentError, match="value_range must be"):
         export.Predictor(served[2].path, value_range=value_range)
+
+
+# -- issue 14: every file verified, no code run from a .pt2, clear errors -----------------------------------
+
+
+def saved_pt2(tmp_path):
+    return export.save_exported(make_model("mlp"), torch.rand(2, *SHAPES["mlp"]), tmp_path / "m.pt2")
+
+
+def rewrite_zip(src, dst, replace):
+    """Copy the zip `src` to `dst`, with `replace(name, data)` giving each entry's new bytes (None: keep)."""
+    with zipfile.ZipFile(src) as old, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as new:
+        for info in old.infolist():
+            data = old.read(info)
+            new.writestr(info.filename, replace(info.filename, data) or data)
+    return dst
+
+
+def test_a_pt2_with_a_planted_sample_inputs_entry_is_refused_before_torch_runs_it(tmp_path, planted):
+    payload, marker = planted
+    hostile = rewrite_zip(saved_pt2(tmp_path), tmp_path / "hostile.pt2",
+                          lambda name, data: payload.read_bytes() if name.endswith("sample_inputs/model.pt") else None)
+    with pytest.raises(ExportError, match=r"hostile\.pt2.*sample_inputs/model\.pt"):
+        export.load_exported(hostile)
+    assert not marker.exists()
+
+
+def test_a_pt2_with_a_pickled_weight_is_refused_before_torch_runs_it(tmp_path, planted):
+    payload, marker = planted
+
+    def replace(name, data):
+        if name.endswith("model_weights_config.json"):
+            config = json.loads(data)
+            assert config["config"]["fc1.bias"]["path_name"] == "weight_1"
+            config["config"]["fc1.bias"]["use_pickle"] = True
+            return json.dumps(config).encode()
+        return payload.read_bytes() if name.endswith("data/weights/weight_1") else None
+
+    hostile = rewrite_zip(saved_pt2(tmp_path), tmp_path / "hostile.pt2", replace)
+    with pytest.raises(ExportError, match=r"hostile\.pt2.*data/weights/weight_1"):
+        export.load_exported(hostile)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("entry", ["archive/../evil", "/archive/evil", "archive/data/aotinductor/model/x.so",
+                                   "archive/extra_pickle.pt", "other/evil"])
+def test_a_pt2_with_a_hostile_entry_is_refused(tmp_path, planted, entry):
+    hostile = rewrite_zip(saved_pt2(tmp_path), tmp_path / "hostile.pt2", lambda name, data: None)
+    with zipfile.ZipFile(hostile, "a") as archive:
+        archive.writestr(entry, planted[0].read_bytes())
+    with pytest.raises(ExportError, match="refused"):
+        export.load_exported(hostile)
+    assert not planted[1].exists()
+
+
+def test_a_pt2_from_elsewhere_still_loads_when_it_is_clean(tmp_path):
+    model = make_model("mlp")
+    program = torch.export.export(model, (torch.rand(2, *SHAPES["mlp"]),))
+    torch.export.save(program, tmp_path / "plain.pt2")  # no manifest: unverified, scanned
+    images = torch.rand(2, *SHAPES["mlp"])
+    torch.testing.assert_close(export.load_exported(tmp_path / "plain.pt2")(images), model(images))
+
+
+def flip(path, at):
+    data = bytearray(path.read_bytes())
+    data[at % len(data)] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_in_a_pt2_file_raises_integrity_error_naming_it(tmp_path):
+    path = saved_pt2(tmp_path)
+    assert (tmp_path / "m.pt2.sha256").read_text().endswith("  m.pt2\n")
+    flip(path, len(path.read_bytes()) // 2)
+    with pytest.raises(IntegrityError, match=r"m\.pt2"):
+        export.load_exported(path)
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_a_flipped_byte_in_an_onnx_file_or_its_data_raises_integrity_error_naming_it(tmp_path, external):
+    path = export.export_onnx(make_model("mlp"), torch.rand(2, *SHAPES["mlp"]), tmp_path / "m.onnx",
+                              external_data=external)
+    assert export.verify_manifest(path)
+    target = tmp_path / ("m.onnx.data" if external else "m.onnx")
+    flip(target, target.stat().st_size - 40)  # inside the last weights
+    for use in (export.check_onnx, export.load_session, export.describe_onnx, export.Predictor):
+        with pytest.raises(IntegrityError, match=target.name.replace(".", r"\.")):
+            use(path)
+
+
+def test_an_onnx_file_without_a_manifest_is_accepted_unverified(exported, tmp_path):
+    copy_path = tmp_path / "elsewhere.onnx"
+    copy_path.write_bytes(exported["mlp"][1].read_bytes())
+    assert export.verify_manifest(copy_path) is False
+    export.Predictor(copy_path)
+
+
+def test_the_int8_copy_has_a_manifest_too(exported, tmp_path):
+    dst = export.quantize_onnx(exported["mlp"][1], tmp_path / "int8.onnx")
+    assert export.verify_manifest(dst)
+
+
+def tamper_one_bias(path):
+    proto = onnx.load(str(path))
+    bias = next(t for t in proto.graph.initializer if "bias" in t.name and t.dims == [10])
+    values = onnx.numpy_helper.to_array(bias).copy()
+    values[3] += 100.0
+    bias.CopyFrom(onnx.numpy_helper.from_array(values, bias.name))
+    onnx.save(proto, str(path))
+
+
+def test_predictor_rebuilds_a_tampered_cache_file(tmp_path):
+    registry = Registry(tmp_path / "registry")
+    registry.register("digits-mlp", make_model("mlp"))
+    registry.set_alias("digits-mlp", "production", 1)
+    first = export.Predictor.from_registry(registry, "digits-mlp", cache_dir=tmp_path / "cache")
+    images = torch.rand(8, *SHAPES["mlp"])
+    expected = first.predict(images)
+    tamper_one_bias(first.path)
+    edited = onnxruntime.InferenceSession(str(first.path), providers=["CPUExecutionProvider"])
+    assert (edited.run(None, {"images": images.numpy()})[0].argmax(axis=1) == 3).all()  # the edit matters
+    with pytest.raises(IntegrityError):
+        export.Predictor(first.path)
+    with pytest.warns(UserWarning, match="rebuilding"):
+        again = export.Predictor.from_registry(registry, "digits-mlp", cache_dir=tmp_path / "cache")
+    np.testing.assert_array_equal(again.predict(images).labels, expected.labels)
+    np.testing.assert_allclose(again.predict(images).probabilities, expected.probabilities)
+
+
+def test_predictor_rebuilds_a_cache_file_made_from_other_weights(tmp_path):
+    registry = Registry(tmp_path / "registry")
+    registry.register("digits-mlp", make_model("mlp"))
+    first = export.Predictor.from_registry(registry, "digits-mlp", alias=None, version=1, cache_dir=tmp_path / "c")
+    other = export.export_onnx(MLP().eval(), torch.rand(2, *SHAPES["mlp"]), tmp_path / "other.onnx")
+    first.path.write_bytes(other.read_bytes())  # another model's file, with a manifest that matches it
+    (tmp_path / "c" / (first.path.name + ".sha256")).write_text(
+        (tmp_path / "other.onnx.sha256").read_text().replace("other.onnx", first.path.name))
+    with pytest.warns(UserWarning, match="other weights"):
+        export.Predictor.from_registry(registry, "digits-mlp", alias=None, version=1, cache_dir=tmp_path / "c")
+
+
+@pytest.mark.parametrize("images, words", [
+    (torch.rand(2, 1, 8, 8, dtype=torch.bfloat16), "bfloat16"),
+    (torch.rand(2, 1, 8, 8, device="meta"), "meta tensor"),
+    (torch.rand(2, 1, 8, 8).to_sparse(), "dense"),
+    (torch.rand(2, 1, 8, 8, dtype=torch.complex64), "complex64"),
+    (np.array([[object()]], dtype=object), "object"),
+    (torch.tensor(0.5), r"got \(\)"),
+    (np.array(0.5, dtype=np.float32), r"got \(\)"),
+])
+def test_predictor_names_what_is_wrong_with_unusual_tensors(served, images, words):
+    with pytest.raises(InputShapeError, match=words):
+        served[2].predict(images)
+
+
+@pytest.mark.parametrize("call", [
+    lambda p: export.check_onnx(3), lambda p: export.load_session(None), lambda p: export.describe_onnx(b"x"),
+    lambda p: export.load_exported(5), lambda p: export.save_exported(make_model("mlp"), torch.rand(2, 1, 8, 8), 7),
+    lambda p: export.export_onnx(make_model("mlp"), torch.rand(2, 1, 8, 8), p, metadata={"a": 1}),
+    lambda p: export.onnx_size(1.5),
+])
+def test_wrong_types_get_mvtk_errors(tmp_path, call):
+    with pytest.raises(InvalidArgumentError):
+        call(tmp_path / "x.onnx")
+
+
+def test_a_non_zip_pt2_gets_an_export_error(tmp_path):
+    (tmp_path / "x.pt2").write_bytes(b"not a zip")
+    with pytest.raises(ExportError, match=r"x\.pt2"):
+        export.load_exported(tmp_path / "x.pt2")
+
+
+def test_a_full_disk_during_export_names_the_file_and_keeps_the_old_one(full_disk):
+    small = export.export_onnx(make_model("mlp"), torch.rand(2, *SHAPES["mlp"]), full_disk / "m.onnx")
+    before = small.read_bytes()
+    (full_disk / "filler").write_bytes(b"x" * (256 * 1024 - 2 * len(before) - 8192))
+    with pytest.raises(ExportError, match=r"m\.onnx.*(disk is full|ENOSPC)"):
+        export.export_onnx(make_model("cnn"), torch.rand(2, *SHAPES["cnn"]), full_disk / "m.onnx")
+    assert small.read_bytes() == before and export.verify_manifest(small)
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler", "m.onnx", "m.onnx.sha256"]
+    with pytest.raises(ExportError, match=r"b\.pt2.*(disk is full|ENOSPC)"):
+        export.save_exported(make_model("cnn"), torch.rand(2, *SHAPES["cnn"]), full_disk / "b.pt2")
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler", "m.onnx", "m.onnx.sha256"]

@@ -1,10 +1,11 @@
-"""Save, load and checkpoint models: exact resume, safe loading, integrity, encryption (Lesson 03).
+"""Save, load and checkpoint models: exact resume, safe loading, integrity, signatures, encryption (Lesson 03).
 
 Import everything from here (`from mvtk.checkpoint import save_checkpoint`). The files hold the
 code, each importing only the files listed above it; by section of Lesson 03:
 
 - `_io.py`: writing atomically with clear errors, removing stale temporary files (§6; used by §2, §3, §5)
 - `crypto.py`: §7 encryption at rest (AES-GCM keys, encrypt_bytes, decrypt_bytes)
+- `signing.py`: §7 tamper evidence (Ed25519 key pairs, sign_file, verify_file: detached `path.sig`)
 - `core.py`: §2 a full training checkpoint, §4 exact resume (RNG states), §6 integrity and clear
   errors (save/load/read_checkpoint, seal/unseal, check_state_dict_fits)
 - `weights.py`: §5 safe loading without pickle (save_weights, load_weights: safetensors)
@@ -14,14 +15,16 @@ code, each importing only the files listed above it; by section of Lesson 03:
 """
 from __future__ import annotations
 
-from mvtk.checkpoint._io import remove_stale_temps
 from mvtk.checkpoint.core import (FORMAT, FORMAT_VERSION, check_plain, check_state_dict_fits, checkpoint_payload,
                                   load_checkpoint, read_checkpoint, restore_rng_state, rng_state, save_checkpoint,
                                   seal, unseal)
 from mvtk.checkpoint.crypto import (ENCRYPTED_MAGIC, KEY_ENV_VAR, NONCE_BYTES, decrypt_bytes, encrypt_bytes,
                                     encrypted_for, load_key, new_key)
+from mvtk.checkpoint.signing import (SIGNATURE_SUFFIX, key_id, load_private_key, load_public_key, new_signing_key,
+                                     sign_file, sign_statement, signature_path, verify_file, verify_statement)
 from mvtk.checkpoint.periodic import LAST_NAME, ModelCheckpoint, latest_checkpoint
-from mvtk.checkpoint.weights import load_weights, save_weights
+from mvtk.checkpoint.weights import WEIGHTS_SHA256_KEY, load_weights, save_weights, weights_digest
+from mvtk.files import remove_stale_temps
 from mvtk.env import git_commit  # lesson 03 §5 shows what save_checkpoint records: ckpt.git_commit()
 
 __all__ = [
@@ -32,8 +35,11 @@ __all__ = [
     # §3: periodic checkpointing (periodic)
     "LAST_NAME", "ModelCheckpoint", "latest_checkpoint",
     # §5: weights without pickle (weights)
-    "load_weights", "save_weights",
+    "WEIGHTS_SHA256_KEY", "load_weights", "save_weights", "weights_digest",
     # §7: encryption at rest (crypto)
     "ENCRYPTED_MAGIC", "KEY_ENV_VAR", "NONCE_BYTES", "decrypt_bytes", "encrypt_bytes", "encrypted_for", "load_key",
     "new_key",
+    # §7: tamper evidence (signing)
+    "SIGNATURE_SUFFIX", "key_id", "load_private_key", "load_public_key", "new_signing_key", "sign_file",
+    "sign_statement", "signature_path", "verify_file", "verify_statement",
 ]

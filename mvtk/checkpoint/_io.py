@@ -6,47 +6,31 @@ full disk or a read-only folder reads the same whichever kind of file was being 
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 from pathlib import Path
 from typing import Iterator
 
+from mvtk import files
 from mvtk.errors import CheckpointError, InvalidArgumentError
-from mvtk.files import atomic_write, remove_abandoned_temps
 from mvtk.train import History
 
-__all__ = ["first_line", "history_dict", "plain_dict", "remove_stale_temps", "write_error", "writing"]
+__all__ = ["check_name", "first_line", "history_dict", "plain_dict", "writing"]
 
 
-def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files that interrupted writes of `path` left; returns them (Lesson 03, §6).
-
-    Only abandoned ones: files named as mvtk.files.atomic_write names `path`'s temporary files
-    (`.<name>.<pid>-<random>.tmp`) whose writing process has exited. A live process's file may be a
-    save in progress and is kept; those of `c.pt.enc` are not those of `c.pt`.
-    """
-    target = Path(path)
-    return remove_abandoned_temps(target.parent, lambda name: name == target.name)
+def check_name(value, name: str = "name", *, optional: bool = False) -> str | None:
+    """`value` if it is a non-empty str (or None when `optional`); else an InvalidArgumentError (Lesson 03, §7)."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value:
+        raise InvalidArgumentError(f"{name} must be a non-empty str{' or None' if optional else ''}, got {value!r}")
+    return value
 
 
 @contextlib.contextmanager
 def writing(path: str | os.PathLike) -> Iterator[Path]:
-    """atomic_write after remove_stale_temps; an OSError becomes a CheckpointError naming the file (Lesson 03, §6)."""
-    remove_stale_temps(path)
-    try:
-        with atomic_write(path) as tmp:
-            yield tmp
-    except OSError as exc:
-        raise write_error(path, exc.errno, exc.strerror or str(exc)) from exc
-
-
-def write_error(path: str | os.PathLike, code: int | None, text: str) -> CheckpointError:
-    """The CheckpointError for an OS error `code` while writing `path` (the old file is unchanged) (Lesson 03, §6)."""
-    why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
-           errno.EROFS: "the file system is read-only", errno.EACCES: "the folder is not writable",
-           errno.EPERM: "the folder is not writable"}.get(code, text)
-    return CheckpointError(f"cannot write {str(path)!r}: {why} ({errno.errorcode.get(code, code)}); "
-                           "the previous file under that name, if any, is unchanged")
+    """mvtk.files.writing for checkpoint files: an OSError becomes a CheckpointError naming the file (Lesson 03, §6)."""
+    with files.writing(path, CheckpointError) as tmp:
+        yield tmp
 
 
 def first_line(exc: BaseException) -> str:

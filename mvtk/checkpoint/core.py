@@ -4,13 +4,21 @@ A checkpoint is one file written by `torch.save` (a zip archive) that holds only
 Python values, so `torch.load(path, weights_only=True)` opens it. `save_checkpoint` records the
 SHA-256 of those bytes in the zip's comment (the last bytes of the file) and writes atomically;
 `load_checkpoint` verifies the checksum before anything is unpickled, and never unpickles code.
+
+The checksum detects accidental corruption (a bad disk, a cut copy), not deliberate edits: anyone
+can re-seal edited bytes with `seal()`. For tamper evidence, save with `signing_key=` (an Ed25519
+private key) and load with `verify_key=` (its public key): the detached `path.sig` is checked
+before anything is unpickled (Lesson 03, §7).
 `mvtk.checkpoint` re-exports the public names here; import them from there.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
+import hashlib
 import io
+import mmap
 import os
 import pickle
 import random
@@ -21,11 +29,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from mvtk.checkpoint._io import first_line, history_dict, plain_dict, writing
-from mvtk.checkpoint.crypto import ENCRYPTED_MAGIC, decrypt_bytes, encrypt_bytes, encrypted_for
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from mvtk.checkpoint._io import check_name, first_line, history_dict, plain_dict, writing
+from mvtk.checkpoint.crypto import ENCRYPTED_MAGIC, check_key, decrypt_bytes, encrypt_bytes, encrypted_for
+from mvtk.checkpoint.signing import sign_file, verify_file
 from mvtk.env import git_commit, utc_now
 from mvtk.errors import (ArchitectureMismatchError, CheckpointError, DecryptionError, IntegrityError,
-                         InvalidArgumentError, check_int, check_module)
+                         InvalidArgumentError, check_int, check_module, check_bytes, check_path)
 from mvtk.files import sha256_bytes
 from mvtk.train import History
 
@@ -49,25 +60,37 @@ SHOW_KEYS = 8                      # how many keys an architecture-mismatch mess
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     scheduler=None, *, epoch: int, step: int = 0, history: History | dict | None = None,
                     loader_generator: torch.Generator | None = None, metrics: dict | None = None,
-                    extra: dict | None = None, key: bytes | None = None, name: str | None = None) -> Path:
+                    extra: dict | None = None, key: bytes | None = None, name: str | None = None,
+                    signing_key: Ed25519PrivateKey | None = None) -> Path:
     """Write model, optimiser, scheduler, progress and RNG states to one file, atomically (Lesson 03, §2).
 
-    The file replaces `path` only once complete; its SHA-256 is stored in it. With `key`, the
-    file is AES-GCM encrypted for the model `name` (default: the model's class name) (Lesson 03, §7).
+    The file replaces `path` only once complete; the SHA-256 of its bytes is stored in it (it detects
+    accidental corruption, not deliberate edits). With `key`, the file is AES-GCM encrypted for the
+    model `name` (default: the model's class name) (Lesson 03, §7). With `signing_key` (an Ed25519
+    private key, `load_private_key`), the file's SHA-256 is signed into `path.sig`, written after the
+    file: a crash between the two leaves a signature that does not match, which loading refuses.
     Abandoned temporary files of earlier saves of `path` that were interrupted (their process has exited)
     are removed.
     """
+    check_path(path)
+    if key is not None:
+        check_key(key)
+    check_name(name, "name", optional=True)
+    _check_signing_key(signing_key)
     payload = checkpoint_payload(model, optimizer, scheduler, epoch=epoch, step=step, history=history,
                                  loader_generator=loader_generator, metrics=metrics, extra=extra)
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    parts = _seal_parts(buffer.getbuffer())  # written as they are: no copy of a large model's bytes
+    *parts, digest = _seal_parts(buffer.getbuffer())  # written as they are: no copy of a large model's bytes
     if key is not None:
-        parts = (encrypt_bytes(b"".join(parts), key, name if name is not None else type(model).__name__),)
+        parts = [encrypt_bytes(b"".join(parts), key, name if name is not None else type(model).__name__)]
+        digest = sha256_bytes(parts[0])
     with writing(path) as tmp:
         with open(tmp, "wb") as handle:
             for part in parts:
                 handle.write(part)
+    if signing_key is not None:
+        sign_file(path, signing_key, sha256=digest)
     return Path(path)
 
 
@@ -147,13 +170,19 @@ def check_plain(value, where: str = "value") -> None:
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None, optimizer=None, scheduler=None, *,
                     map_location="cpu", loader_generator: torch.Generator | None = None, restore_rng: bool = True,
-                    key: bytes | None = None, name: str | None = None) -> dict:
+                    key: bytes | None = None, name: str | None = None,
+                    verify_key: Ed25519PublicKey | None = None) -> dict:
     """Verify a checkpoint and restore it into the objects given; returns its metadata (Lesson 03, §2, §4).
 
     Changes the model's weights, the optimiser's and scheduler's state, and (with `restore_rng`)
-    the global RNGs and `loader_generator`. Every check runs first: if the file is refused, the
-    model does not fit, or a state asked for is missing or does not fit, nothing is changed.
-    With no model (or optimiser, scheduler) given, only the metadata is read.
+    the global RNGs and `loader_generator`. Every check runs first: if an argument is wrong, the
+    file is refused, the model does not fit, or a state asked for is missing or does not fit,
+    nothing is changed. With no model, optimiser, scheduler or loader_generator given, only the
+    metadata is read and no RNG is touched.
+
+    `verify_key` (an Ed25519 public key, `load_public_key`) requires a signature `path.sig` made
+    with its private key; it is checked on the bytes read, before anything is unpickled
+    (SignatureError if it is missing or does not match).
 
     `key` is the AES key of an encrypted file (`load_key()`); a key given for a file that is not
     encrypted is refused (DecryptionError), so a plain file cannot be swapped in for an encrypted
@@ -164,10 +193,22 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None, opt
     metrics, extra, model_class, torch_version, created, git_commit (str, or None outside a git
     checkout), and for an encrypted file `encrypted_for`, the model name in its header.
     """
+    check_path(path)
     if model is not None:
         check_module(model)
-    payload = read_checkpoint(path, map_location=map_location, key=key, name=name)
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise InvalidArgumentError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+    if scheduler is not None and not callable(getattr(scheduler, "load_state_dict", None)):
+        raise InvalidArgumentError(f"scheduler must have a load_state_dict() method, got {type(scheduler).__name__}")
+    if loader_generator is not None and not isinstance(loader_generator, torch.Generator):
+        raise InvalidArgumentError(f"loader_generator must be a torch.Generator (loader.generator) or None, got "
+                                   f"{type(loader_generator).__name__}")
+    if not isinstance(restore_rng, bool):
+        raise InvalidArgumentError(f"restore_rng must be True or False, got {restore_rng!r}")
+    payload = read_checkpoint(path, map_location=map_location, key=key, name=name, verify_key=verify_key)
     source = str(path)
+    restoring = any(target is not None for target in (model, optimizer, scheduler, loader_generator))
+    restore_rng = restore_rng and restoring  # reading the metadata alone changes no RNG
     if model is not None:
         check_state_dict_fits(model, payload["model"], source)
     for part, target in (("optimizer", optimizer), ("scheduler", scheduler)):
@@ -177,6 +218,8 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None, opt
     if restore_rng and loader_generator is not None and payload["rng"]["loader"] is None:
         raise CheckpointError(f"checkpoint {source!r} holds no DataLoader generator state (it was saved without "
                               "loader_generator=); the shuffle order cannot be restored")
+    if restore_rng:
+        _check_rng(payload["rng"], loader_generator, source)
     # torch's Optimizer.load_state_dict checks that the state fits before it changes anything; a
     # scheduler's need not, so the scheduler goes first and is put back if the optimiser's fails
     previous = None if scheduler is None else copy.deepcopy(scheduler.state_dict())
@@ -190,34 +233,53 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None, opt
     if model is not None:
         model.load_state_dict(payload["model"])
     if restore_rng:
-        restore_rng_state(payload["rng"], loader_generator)
+        before = rng_state(loader_generator)
+        try:
+            restore_rng_state(payload["rng"], loader_generator)
+        except Exception as exc:  # checked above; put back whatever was set if a state still does not fit
+            restore_rng_state(before, loader_generator)
+            raise CheckpointError(f"the RNG states in {source!r} cannot be restored: {first_line(exc)}") from None
     return {k: v for k, v in payload.items() if k not in STATE_KEYS}
 
 
 def read_checkpoint(path: str | os.PathLike, *, map_location="cpu", key: bytes | None = None,
-                    name: str | None = None) -> dict:
+                    name: str | None = None, verify_key: Ed25519PublicKey | None = None) -> dict:
     """The whole verified payload of a checkpoint (states and metadata), loaded safely (Lesson 03, §6).
 
-    `key` and `name` as for load_checkpoint: with a key, the file must be encrypted.
+    `key`, `name` and `verify_key` as for load_checkpoint: with a key, the file must be encrypted;
+    with a verify_key, it must be signed. The file is read once: its bytes in memory are hashed,
+    the hash checked (and the signature), then the same bytes are loaded.
     """
+    check_path(path)
+    if key is not None:
+        check_key(key)
+    check_name(name, "name", optional=True)
+    if verify_key is not None and not isinstance(verify_key, Ed25519PublicKey):
+        raise InvalidArgumentError(f"verify_key must be an Ed25519 public key (load_public_key) or None, "
+                                   f"got {type(verify_key).__name__}")
     source = str(path)
-    data = _read_file(path, "checkpoint")
+    signed = Path(path).resolve() if Path(path).is_symlink() else Path(path)  # last.pt: its target's signature
     encrypted_name = None
-    if data.startswith(ENCRYPTED_MAGIC):
-        if key is None:
-            raise DecryptionError(f"checkpoint {source!r} is encrypted: pass key= (mvtk.checkpoint.load_key())")
-        data, encrypted_name = decrypt_bytes(data, key, name, source=source), encrypted_for(data, source=source)
-    elif key is not None:
-        raise DecryptionError(f"checkpoint {source!r} is not encrypted, but a key was given: refusing it (an "
-                              "unencrypted file may have been put in place of an encrypted one)")
-    data = unseal(data, source)
-    try:
-        payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"checkpoint {source!r} holds objects that safe loading (weights_only=True) refuses; "
-                              f"nothing in it was run. {_unpickler_reason(exc)}") from None
-    except Exception as exc:  # torch raises RuntimeError/ValueError for a damaged archive
-        raise CheckpointError(f"checkpoint {source!r} cannot be read by torch.load: {first_line(exc)}") from None
+    with _mapped(path, "checkpoint") as (data, same_file):
+        if bytes(data[:len(ENCRYPTED_MAGIC)]) == ENCRYPTED_MAGIC:
+            if key is None:
+                raise DecryptionError(f"checkpoint {source!r} is encrypted: pass key= (mvtk.checkpoint.load_key())")
+            if verify_key is not None:
+                verify_file(signed, verify_key, sha256=sha256_bytes(data))
+            whole = bytes(data)
+            sealed = decrypt_bytes(whole, key, name, source=source)
+            encrypted_name = encrypted_for(whole, source=source)
+            _unseal(sealed, source)
+            payload = _torch_load(io.BytesIO(sealed), source, map_location)
+        elif key is not None:
+            raise DecryptionError(f"checkpoint {source!r} is not encrypted, but a key was given: refusing it (an "
+                                  "unencrypted file may have been put in place of an encrypted one)")
+        else:
+            digest = _unseal(data, source)  # one pass over the bytes gives the sealed hash and the file's hash
+            if verify_key is not None:
+                verify_file(signed, verify_key, sha256=digest)
+            # Verified: now torch maps the very file just hashed (same inode), so nothing is read twice.
+            payload = _torch_load(same_file, source, map_location, mmap=True)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{source!r} is a torch file but not an mvtk checkpoint (no format={FORMAT!r} entry)")
     version = check_int(payload.get("format_version"), f"format_version of checkpoint {source!r}", low=1,
@@ -231,48 +293,67 @@ def read_checkpoint(path: str | os.PathLike, *, map_location="cpu", key: bytes |
 
 
 def seal(data: bytes) -> bytes:
-    """torch.save bytes with their SHA-256 written into the zip comment at the end (Lesson 03, §6)."""
-    return b"".join(_seal_parts(memoryview(data)))
+    """torch.save bytes with their SHA-256 written into the zip comment at the end (Lesson 03, §6).
+
+    This detects accidental corruption only: anyone who edits a file can seal it again. Signatures
+    (`save_checkpoint(..., signing_key=)`) detect deliberate edits.
+    """
+    return b"".join(_seal_parts(memoryview(check_bytes(data, "data")))[:2])
 
 
-def _seal_parts(view: memoryview) -> tuple[memoryview, bytes]:
-    """(the archive up to its comment-length field, that field + the comment holding the body's SHA-256)."""
-    if bytes(view[-22:-18]) != EOCD_MAGIC or bytes(view[-2:]) != b"\x00\x00":
+def _seal_parts(view: memoryview) -> tuple[memoryview, bytes, str]:
+    """(the archive up to its comment-length field, that field + the comment, the whole file's SHA-256)."""
+    if len(view) < 22 or bytes(view[-22:-18]) != EOCD_MAGIC or bytes(view[-2:]) != b"\x00\x00":
         raise InvalidArgumentError("seal() expects the bytes of a torch.save zip archive with no comment")
     body = view[:-2]
-    comment = SEAL_PREFIX + sha256_bytes(body).encode("ascii")
-    return body, len(comment).to_bytes(2, "little") + comment
+    hasher = hashlib.sha256(body)
+    comment = SEAL_PREFIX + hasher.hexdigest().encode("ascii")
+    tail = len(comment).to_bytes(2, "little") + comment
+    hasher.update(tail)
+    return body, tail, hasher.hexdigest()
 
 
 def unseal(data: bytes, source: str = "data") -> bytes:
     """Check the SHA-256 seal() wrote; clear errors for empty, foreign, cut or changed files (Lesson 03, §6).
 
     Returns `data` itself, unchanged (comment included), when the check passes: torch.load ignores the comment.
+    The check detects accidental corruption; it is no tamper check, as anyone can seal() edited bytes.
     """
+    _unseal(check_bytes(data, "data"), check_name(source, "source"))
+    return data
+
+
+def _unseal(data: bytes, source: str) -> str:
+    """unseal()'s check; returns the SHA-256 of the whole file, computed in the same pass."""
     if not data:
         raise CheckpointError(f"checkpoint {source!r} is empty (0 bytes): the save that wrote it never finished")
-    if not data.startswith(ZIP_MAGIC):
+    if bytes(data[:len(ZIP_MAGIC)]) != ZIP_MAGIC:
         raise CheckpointError(f"{source!r} is not a checkpoint: a torch.save file is a zip archive, "
-                              f"this one starts with {data[:8]!r}")
-    comment = data[-SEAL_LEN:]
-    if not comment.startswith(SEAL_PREFIX) or data[-SEAL_LEN - 22:-SEAL_LEN - 18] != EOCD_MAGIC:
-        if data[-22:-18] == EOCD_MAGIC and data[-2:] == b"\x00\x00":
+                              f"this one starts with {bytes(data[:8])!r}")
+    comment = bytes(data[-SEAL_LEN:])
+    if not comment.startswith(SEAL_PREFIX) or bytes(data[-SEAL_LEN - 22:-SEAL_LEN - 18]) != EOCD_MAGIC:
+        if bytes(data[-22:-18]) == EOCD_MAGIC and bytes(data[-2:]) == b"\x00\x00":
             raise CheckpointError(f"{source!r} has no SHA-256 record: it was written by torch.save, not "
                                   "save_checkpoint; open it with torch.load(path, weights_only=True)")
         raise CheckpointError(f"checkpoint {source!r} is truncated (or damaged at its end): the SHA-256 record "
                               "save_checkpoint writes last is missing; use an earlier checkpoint")
-    recorded = comment[len(SEAL_PREFIX):].decode("ascii", errors="replace")
-    actual = sha256_bytes(memoryview(data)[:-SEAL_LEN - 2])  # the bytes before the comment's length field
+    recorded = bytes(comment[len(SEAL_PREFIX):]).decode("ascii", errors="replace")
+    hasher = hashlib.sha256(memoryview(data)[:-SEAL_LEN - 2])  # the bytes before the comment's length field
+    actual = hasher.hexdigest()
     if actual != recorded:
         error = IntegrityError(f"checkpoint {source!r} failed its SHA-256 check: its bytes changed after it was "
-                               "saved (a damaged disk or copy, or tampering); do not use it")
+                               "saved (a damaged disk or copy); do not use it")
         error.recorded, error.actual = recorded, actual
         raise error
-    return data
+    hasher.update(memoryview(data)[-SEAL_LEN - 2:])
+    return hasher.hexdigest()
 
 
 def check_state_dict_fits(model: nn.Module, state: dict, source: str = "state_dict") -> None:
     """Raise ArchitectureMismatchError listing missing, unexpected and reshaped keys (Lesson 03, §6)."""
+    check_module(model)
+    if not isinstance(state, dict):
+        raise InvalidArgumentError(f"state must be a dict (a state_dict), got {type(state).__name__}")
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -294,12 +375,66 @@ def check_state_dict_fits(model: nn.Module, state: dict, source: str = "state_di
 
 # --- helpers ------------------------------------------------------------------------------
 
-def _read_file(path: str | os.PathLike, what: str) -> bytes:
-    if not isinstance(path, (str, os.PathLike)):
-        raise InvalidArgumentError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-    if not Path(path).is_file():
+@contextlib.contextmanager
+def _mapped(path: str | os.PathLike, what: str):
+    """(the file's bytes, memory-mapped read-only; a path that opens that very file) while the block runs.
+
+    The path is /proc/self/fd/N where Linux has it, so a file renamed over `path` meanwhile (another
+    save) cannot slip in between the check and the load; elsewhere the path itself, checked to be the
+    same file afterwards.
+    """
+    if not check_path(path).is_file():
         raise CheckpointError(f"{what} {str(path)!r} does not exist (or is not a file)")
-    return Path(path).read_bytes()
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {what} {str(path)!r}: {exc.strerror or first_line(exc)}") from None
+    try:
+        proc = f"/proc/self/fd/{fd}"
+        same_file = proc if os.path.exists(proc) else os.fspath(path)
+        stat = os.fstat(fd)
+        if stat.st_size == 0:
+            yield b"", same_file
+            return
+        # Not closed by hand: slices of it may live on in a traceback; it closes once the last one is gone.
+        yield memoryview(mmap.mmap(fd, 0, access=mmap.ACCESS_READ)), same_file
+        if same_file != proc and (os.stat(path).st_ino, os.stat(path).st_dev) != (stat.st_ino, stat.st_dev):
+            raise CheckpointError(f"{what} {str(path)!r} was replaced while it was being loaded; load it again")
+    finally:
+        os.close(fd)
+
+
+def _torch_load(source_file, source: str, map_location, mmap: bool = False) -> object:
+    """torch.load(weights_only=True) with its refusals and damage turned into CheckpointErrors naming `source`."""
+    try:
+        return torch.load(source_file, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"checkpoint {source!r} holds objects that safe loading (weights_only=True) refuses; "
+                              f"nothing in it was run. {_unpickler_reason(exc)}") from None
+    except Exception as exc:  # torch raises RuntimeError/ValueError for a damaged archive
+        raise CheckpointError(f"checkpoint {source!r} cannot be read by torch.load: {first_line(exc)}") from None
+
+
+def _check_signing_key(signing_key) -> None:
+    if signing_key is not None and not isinstance(signing_key, Ed25519PrivateKey):
+        raise InvalidArgumentError(f"signing_key must be an Ed25519 private key (load_private_key) or None, "
+                                   f"got {type(signing_key).__name__}")
+
+
+def _check_rng(state, loader_generator, source: str) -> None:
+    """Refuse RNG states restore_rng_state could not put back, before anything is changed."""
+    try:
+        ok = (isinstance(state["torch"], torch.Tensor) and state["torch"].dtype == torch.uint8
+              and isinstance(state["cuda"], (list, tuple)) and len(state["python"]) == 3
+              and isinstance(state["python"][1], torch.Tensor) and len(state["numpy"]) == 5
+              and isinstance(state["numpy"][1], torch.Tensor)
+              and (loader_generator is None or (isinstance(state["loader"], torch.Tensor)
+                                                and state["loader"].dtype == torch.uint8)))
+    except (KeyError, TypeError, IndexError):
+        ok = False
+    if not ok:
+        raise CheckpointError(f"checkpoint {source!r} holds RNG states in an unexpected form; "
+                              "load it with restore_rng=False")
 
 
 def _load_state(target, payload: dict, part: str, source: str) -> None:

@@ -14,10 +14,11 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from mvtk.errors import DecryptionError, InvalidArgumentError
+from mvtk.checkpoint._io import check_name
+from mvtk.errors import DecryptionError, InvalidArgumentError, check_bytes, check_path
 from mvtk.files import atomic_write
 
-__all__ = ["ENCRYPTED_MAGIC", "KEY_ENV_VAR", "NONCE_BYTES", "decrypt_bytes", "encrypt_bytes", "encrypted_for",
+__all__ = ["ENCRYPTED_MAGIC", "KEY_ENV_VAR", "NONCE_BYTES", "check_key", "decrypt_bytes", "encrypt_bytes", "encrypted_for",
            "load_key", "new_key"]
 
 ENCRYPTED_MAGIC = b"MVTKENC1"      # first bytes of an encrypted checkpoint
@@ -32,6 +33,7 @@ def new_key(key_file: str | os.PathLike | None = None) -> bytes:
     """
     key = AESGCM.generate_key(bit_length=256)
     if key_file is not None:
+        check_path(key_file, "key_file")
         if Path(key_file).exists():
             raise InvalidArgumentError(f"key file {str(key_file)!r} already exists; refusing to overwrite a key")
         with atomic_write(key_file) as tmp:
@@ -43,24 +45,27 @@ def new_key(key_file: str | os.PathLike | None = None) -> bytes:
 def load_key(key_file: str | os.PathLike | None = None, *, env_var: str = KEY_ENV_VAR) -> bytes:
     """The AES key from `key_file`, else from the environment variable `env_var` (base64) (Lesson 03, §7)."""
     if key_file is not None:
-        if not Path(key_file).is_file():
+        if not check_path(key_file, "key_file").is_file():
             raise InvalidArgumentError(f"key file {str(key_file)!r} does not exist; make one with new_key(path)")
-        text, source = Path(key_file).read_text(), f"key file {str(key_file)!r}"
+        text, source = Path(key_file).read_bytes(), f"key file {str(key_file)!r}"  # bytes: a binary file is no crash
     else:
+        check_name(env_var, "env_var")
         text, source = os.environ.get(env_var), f"${env_var}"
         if text is None:
             raise InvalidArgumentError(f"no encryption key: set ${env_var} to a base64 key or pass key_file= "
                                        "(make one with mvtk.checkpoint.new_key(path))")
     try:
-        key = base64.urlsafe_b64decode(text.strip().encode("ascii"))
+        raw = text if isinstance(text, bytes) else text.encode("ascii")
+        key = base64.urlsafe_b64decode(raw.strip().decode("ascii").encode("ascii"))
     except (binascii.Error, UnicodeError, ValueError):
         raise InvalidArgumentError(f"{source} is not base64 text") from None
-    return _check_key(key, source)
+    return check_key(key, source)
 
 
 def encrypt_bytes(data: bytes, key: bytes, name: str) -> bytes:
     """AES-GCM encrypt `data` with a fresh nonce; the header naming the model is authenticated too (Lesson 03, §7)."""
-    _check_key(key, "key")
+    check_bytes(data, "data")
+    check_key(key, "key")
     if not isinstance(name, str) or not name or len(name.encode()) > 1024:
         raise InvalidArgumentError(f"name must be a non-empty str naming the model, got {name!r}")
     label = name.encode("utf-8")
@@ -71,8 +76,11 @@ def encrypt_bytes(data: bytes, key: bytes, name: str) -> bytes:
 
 def decrypt_bytes(blob: bytes, key: bytes, name: str | None = None, *, source: str = "data") -> bytes:
     """Decrypt encrypt_bytes' output; DecryptionError for a wrong key, another model or tampering (Lesson 03, §7)."""
-    _check_key(key, "key")
-    header, stored, nonce, ciphertext = _parse_encrypted(blob, source)
+    check_bytes(blob, "blob")
+    check_key(key, "key")
+    check_name(name, "name", optional=True)
+    check_name(source, "source")
+    header, stored, nonce, ciphertext = _parse_encrypted(bytes(blob), source)
     if name is not None and name != stored:
         raise DecryptionError(f"{source!r} is encrypted for model {stored!r}, not {name!r}")
     try:
@@ -84,7 +92,7 @@ def decrypt_bytes(blob: bytes, key: bytes, name: str | None = None, *, source: s
 
 def encrypted_for(blob: bytes, *, source: str = "data") -> str:
     """The model name in the header of encrypt_bytes' output; authenticated only by decrypt_bytes (Lesson 03, §7)."""
-    return _parse_encrypted(blob, source)[1]
+    return _parse_encrypted(bytes(check_bytes(blob, "blob")), source)[1]
 
 
 def _parse_encrypted(blob: bytes, source: str) -> tuple[bytes, str, bytes, bytes]:
@@ -101,7 +109,8 @@ def _parse_encrypted(blob: bytes, source: str) -> tuple[bytes, str, bytes, bytes
     return blob[:end], stored, blob[end:end + NONCE_BYTES], blob[end + NONCE_BYTES:]
 
 
-def _check_key(key, source: str) -> bytes:
+def check_key(key, source: str = "key") -> bytes:
+    """`key` if it is a 16, 24 or 32-byte AES key; else an InvalidArgumentError naming `source` (Lesson 03, §7)."""
     if not isinstance(key, bytes) or len(key) not in (16, 24, 32):
         size = len(key) if isinstance(key, bytes) else type(key).__name__
         raise InvalidArgumentError(f"{source} must be a 16, 24 or 32-byte AES key, got {size}")

@@ -14,9 +14,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from mvtk.checkpoint._io import history_dict, writing
-from mvtk.checkpoint.core import save_checkpoint
-from mvtk.errors import CheckpointError, InvalidArgumentError, check_int
+from mvtk.checkpoint.core import read_checkpoint, save_checkpoint
+from mvtk.checkpoint.crypto import ENCRYPTED_MAGIC
+from mvtk.checkpoint.signing import signature_path
+from mvtk.errors import CheckpointError, InvalidArgumentError, check_int, check_path
 from mvtk.files import remove_abandoned_temps
 from mvtk.train import History
 
@@ -40,13 +44,15 @@ class ModelCheckpoint:
     steps_per_epoch; 0 records step 0. `loader_generator`, `extra`, `key` and `name` are passed to
     save_checkpoint: the DataLoader's generator to restore its shuffle order, plain values to
     store, and an AES key to encrypt every file for the model `name` (default: its class name).
+    `signing_key` (Ed25519, `load_private_key`) signs every file into `<file>.sig`, which is pruned
+    with its file; `last.pt` is verified against its target's signature.
     """
 
     def __init__(self, dirpath: str | os.PathLike, model: nn.Module, optimizer=None, scheduler=None, *,
                  monitor: str | None = "val_loss", mode: str = "min", save_top_k: int = 1, keep_last: int = 1,
                  every_n_epochs: int = 1, save_last: bool = True, loader_generator: torch.Generator | None = None,
                  steps_per_epoch: int = 0, extra: dict | None = None, key: bytes | None = None,
-                 name: str | None = None):
+                 name: str | None = None, signing_key=None):
         if mode not in ("min", "max"):
             raise InvalidArgumentError(f"mode must be 'min' or 'max', got {mode!r}")
         if monitor is not None and not (isinstance(monitor, str) and re.fullmatch(r"\w+", monitor)):
@@ -54,11 +60,12 @@ class ModelCheckpoint:
         for label, value, low in (("save_top_k", save_top_k, -1), ("keep_last", keep_last, -1),
                                   ("every_n_epochs", every_n_epochs, 1), ("steps_per_epoch", steps_per_epoch, 0)):
             check_int(value, label, low=low)
-        self.dirpath = Path(dirpath)
+        self.dirpath = check_path(dirpath, "dirpath")
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.monitor, self.mode, self.save_top_k, self.keep_last = monitor, mode, save_top_k, keep_last
         self.every_n_epochs, self.save_last, self.steps_per_epoch = every_n_epochs, save_last, steps_per_epoch
         self.loader_generator, self.extra, self.key, self.name = loader_generator, extra, key, name
+        self.signing_key = signing_key
         self.pattern = re.compile(r"epoch=(\d+)" + (rf"-{monitor}=([-+]?(?:\d+\.\d+|nan|inf))" if monitor else "")
                                   + r"\.pt")
         self.dirpath.mkdir(parents=True, exist_ok=True)
@@ -76,7 +83,8 @@ class ModelCheckpoint:
         remove_abandoned_temps(self.dirpath, self.pattern.fullmatch)  # saves of any epoch a crash interrupted
         save_checkpoint(path, self.model, self.optimizer, self.scheduler, epoch=epoch,
                         step=epoch * self.steps_per_epoch, history=history, loader_generator=self.loader_generator,
-                        metrics=metrics, extra=self.extra, key=self.key, name=self.name)
+                        metrics=metrics, extra=self.extra, key=self.key, name=self.name,
+                        signing_key=self.signing_key)
         self.saved[path.name] = (epoch, value)
         if self.save_last:
             self._point_last(path)
@@ -119,6 +127,7 @@ class ModelCheckpoint:
             keep.add(by_epoch[-1])
         for file_name in set(self.saved) - keep:
             (self.dirpath / file_name).unlink(missing_ok=True)
+            signature_path(self.dirpath / file_name).unlink(missing_ok=True)
             del self.saved[file_name]
 
     def _point_last(self, target: Path) -> None:
@@ -128,6 +137,9 @@ class ModelCheckpoint:
                 os.symlink(target.name, tmp)  # relative, so the folder can be moved
             except (OSError, NotImplementedError):  # no symlinks (Windows without developer mode): a hard link
                 os.link(target, tmp)
+                if signature_path(target).exists():  # a hard link has no target to find the signature by
+                    with writing(signature_path(self.dirpath / LAST_NAME)) as sig_tmp:
+                        sig_tmp.write_bytes(signature_path(target).read_bytes())
 
     def _scan(self) -> dict[str, tuple[int, float | None]]:
         found = {}
@@ -138,17 +150,47 @@ class ModelCheckpoint:
         return found
 
 
-def latest_checkpoint(dirpath: str | os.PathLike) -> Path | None:
-    """`last.pt` in `dirpath`, else its newest `epoch=NNNN*.pt`, else None: where to resume from (Lesson 03, §4).
+def latest_checkpoint(dirpath: str | os.PathLike, *, key: bytes | None = None,
+                      verify_key: Ed25519PublicKey | None = None) -> Path | None:
+    """The newest complete checkpoint in `dirpath` (`last.pt` if that is it), else None: where to resume from (Lesson 03, §4).
 
-    None means a fresh start (the folder has no checkpoint yet); a folder that does not exist is
-    a CheckpointError, since it is more likely a wrong path than a first run.
+    `last.pt` is trusted only as far as the files confirm it: a run killed after writing an epoch
+    file but before moving `last.pt` left a newer complete file, and that one is returned. Each
+    candidate is read and verified (SHA-256; with `key`, decrypted; with `verify_key`, its
+    signature) and compared by the epoch recorded inside it; an encrypted file read without `key`
+    counts by the epoch in its name (atomic writes make every named file complete). Signature
+    (`.sig`) and temporary files are ignored. None means a fresh start (no checkpoint yet);
+    a folder that does not exist, or whose checkpoints all fail verification, is a CheckpointError.
     """
-    folder = Path(dirpath)
+    folder = check_path(dirpath, "dirpath")
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {str(folder)!r} does not exist (or is not a folder)")
-    if (folder / LAST_NAME).exists():
-        return folder / LAST_NAME
-    epochs = [(int(m.group(1)), p) for p in folder.glob("epoch=*.pt") if (m := re.match(r"epoch=(\d+)", p.name))]
-    return max(epochs)[1] if epochs else None
+    named = sorted(((int(m.group(1)), p) for p in folder.glob("epoch=*.pt")
+                    if (m := re.fullmatch(r"epoch=(\d+)(?:-.*)?\.pt", p.name)) and p.is_file()
+                    and not p.is_symlink()), key=lambda item: item[0], reverse=True)
+    last, failures = folder / LAST_NAME, []
+    last_epoch = _recorded_epoch(last, key, verify_key, failures) if last.exists() else None
+    for name_epoch, path in named:
+        if last_epoch is not None and name_epoch <= last_epoch:
+            break
+        epoch = _recorded_epoch(path, key, verify_key, failures)
+        if epoch is not None and (last_epoch is None or epoch > last_epoch):
+            return path
+    if last_epoch is not None:
+        return last
+    if failures:
+        raise CheckpointError(f"no complete checkpoint in {str(folder)!r}: " + "; ".join(failures))
+    return None
 
+
+def _recorded_epoch(path: Path, key, verify_key, failures: list[str]) -> int | None:
+    """The epoch recorded in a verified checkpoint file, or None (its reason added to `failures`)."""
+    try:
+        if key is None and path.read_bytes()[:len(ENCRYPTED_MAGIC)] == ENCRYPTED_MAGIC:
+            match = re.match(r"epoch=(\d+)", Path(os.path.realpath(path)).name)
+            if match:
+                return int(match.group(1))
+        return int(read_checkpoint(path, key=key, verify_key=verify_key)["epoch"])
+    except (CheckpointError, OSError, KeyError, TypeError, ValueError) as exc:
+        failures.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return None

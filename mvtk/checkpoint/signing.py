@@ -19,7 +19,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from mvtk.errors import InvalidArgumentError, SignatureError
+from mvtk.checkpoint._io import writing
+from mvtk.errors import InvalidArgumentError, SignatureError, check_path
 from mvtk.files import atomic_write, sha256_file, write_bytes_atomic
 
 __all__ = ["SIGNATURE_SUFFIX", "key_id", "load_private_key", "load_public_key", "new_signing_key",
@@ -35,7 +36,7 @@ def new_signing_key(private_path: str | os.PathLike, public_path: str | os.PathL
 
     Refuses to overwrite an existing private key: files signed with it could no longer be re-signed.
     """
-    private_path, public_path = Path(private_path), Path(public_path)
+    private_path, public_path = check_path(private_path, "private_path"), check_path(public_path, "public_path")
     if private_path.exists():
         raise InvalidArgumentError(f"private key file {str(private_path)!r} already exists; refusing to overwrite a key")
     key = Ed25519PrivateKey.generate()
@@ -65,7 +66,7 @@ def load_public_key(path: str | os.PathLike) -> Ed25519PublicKey:
 
 
 def key_id(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
-    """A short fingerprint of a key pair (16 hex digits of the public key's SHA-256), the same for both halves."""
+    """A short fingerprint of a key pair (16 hex digits of the public key's SHA-256), the same for both halves (Lesson 03, §7)."""
     public = _public(key)
     raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()[:16]
@@ -97,16 +98,24 @@ def verify_statement(statement: bytes, signature: str | None, public_key: Ed2551
 
 def signature_path(path: str | os.PathLike) -> Path:
     """Where the detached signature of `path` lives: `path` + '.sig' (Lesson 03, §7)."""
-    path = Path(path)
+    path = check_path(path)
     return path.with_name(path.name + SIGNATURE_SUFFIX)
 
 
-def sign_file(path: str | os.PathLike, private_key: Ed25519PrivateKey) -> Path:
-    """Sign the file's SHA-256 and write the signature beside it as `path.sig`, atomically (Lesson 03, §7)."""
-    digest = sha256_file(path)
+def sign_file(path: str | os.PathLike, private_key: Ed25519PrivateKey, *, sha256: str | None = None) -> Path:
+    """Sign the file's SHA-256 and write the signature beside it as `path.sig`, atomically (Lesson 03, §7).
+
+    Pass `sha256` when the caller has just hashed the bytes it wrote (no second read of the file).
+    """
+    if not isinstance(private_key, Ed25519PrivateKey):
+        raise InvalidArgumentError(f"private_key must be an Ed25519 private key (load_private_key), "
+                                   f"got {type(private_key).__name__}")
+    digest = sha256 if sha256 is not None else sha256_file(check_path(path))
     record = {"algorithm": ALGORITHM, "sha256": digest, "key_id": key_id(private_key),
               "signature": sign_statement(FILE_CONTEXT + digest.encode(), private_key)}
-    return write_bytes_atomic(signature_path(path), (json.dumps(record, indent=1) + "\n").encode())
+    with writing(signature_path(path)) as tmp:  # a full disk reads as for any checkpoint file
+        tmp.write_bytes((json.dumps(record, indent=1) + "\n").encode())
+    return signature_path(path)
 
 
 def verify_file(path: str | os.PathLike, public_key: Ed25519PublicKey, *, sha256: str | None = None) -> str:
@@ -116,7 +125,10 @@ def verify_file(path: str | os.PathLike, public_key: Ed25519PublicKey, *, sha256
     Raises SignatureError if the signature is missing, unreadable, made by another key, or made
     for other content.
     """
-    path, sig = Path(path), signature_path(path)
+    path, sig = check_path(path), signature_path(path)
+    if not isinstance(public_key, Ed25519PublicKey):
+        raise InvalidArgumentError(f"public_key must be an Ed25519 public key (load_public_key), "
+                                   f"got {type(public_key).__name__}")
     if not sig.is_file():
         raise SignatureError(f"{str(path)!r} has no signature file {sig.name!r}; "
                              f"a signature from key {key_id(public_key)} is required")

@@ -1,33 +1,59 @@
-"""Weights without pickle: safetensors files with provenance metadata (Lesson 03, §5).
+"""Weights without pickle: safetensors files with provenance metadata and a SHA-256 (Lesson 03, §5).
 
+`save_weights` serializes with `safetensors.torch.save` in memory and writes the bytes through
+mvtk's atomic writer, so a crash never leaves a half-written file or a stray temporary file
+that a later save does not remove. The file's metadata holds `mvtk_sha256`: the SHA-256 of the
+header (the tensor index: each tensor's name, dtype, shape and offsets, and the metadata without
+`mvtk_sha256` itself, as canonical JSON) followed by every tensor byte. So a flipped byte
+anywhere in the file is detected; `load_weights` recomputes it from the bytes it read, before
+any tensor is used.
+Like the checkpoint's seal, it detects accidental corruption, not deliberate edits: for those,
+sign with `signing_key=` and load with `verify_key=` (Lesson 03, §7).
 `mvtk.checkpoint` re-exports the public names here; import them from there.
 """
 from __future__ import annotations
 
-import errno
+import hashlib
+import json
 import os
-import re
 from pathlib import Path
 
 import safetensors
 import safetensors.torch
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from torch import nn
 
-from mvtk.checkpoint._io import first_line, plain_dict, write_error, writing
+from mvtk.checkpoint._io import first_line, plain_dict, writing
 from mvtk.checkpoint.core import check_state_dict_fits
+from mvtk.checkpoint.signing import sign_file, verify_file
 from mvtk.env import git_commit, utc_now
-from mvtk.errors import CheckpointError, InvalidArgumentError, check_module
+from mvtk.errors import CheckpointError, IntegrityError, InvalidArgumentError, check_module, check_path
+from mvtk.files import sha256_bytes
 
-__all__ = ["load_weights", "save_weights"]
+__all__ = ["WEIGHTS_SHA256_KEY", "load_weights", "save_weights", "weights_digest"]
+
+WEIGHTS_SHA256_KEY = "mvtk_sha256"  # the metadata entry holding the SHA-256 of the index and tensor bytes
+HEADER_LIMIT = 100 * 1024 * 1024     # safetensors' own limit on the JSON header
 
 
-def save_weights(path: str | os.PathLike, model: nn.Module, metadata: dict[str, str] | None = None) -> Path:
-    """Write the model's tensors as safetensors (no pickle) with torch version, time, git commit (Lesson 03, §5)."""
+def save_weights(path: str | os.PathLike, model: nn.Module, metadata: dict[str, str] | None = None, *,
+                 signing_key: Ed25519PrivateKey | None = None) -> Path:
+    """Write the model's tensors as safetensors (no pickle) with provenance and a SHA-256, atomically (Lesson 03, §5).
+
+    The metadata records torch version, time, git commit and `mvtk_sha256` (see `weights_digest`).
+    With `signing_key` (Ed25519, `load_private_key`) the file is also signed into `path.sig` (Lesson 03, §7).
+    """
+    check_path(path)
     check_module(model)
+    if signing_key is not None and not isinstance(signing_key, Ed25519PrivateKey):
+        raise InvalidArgumentError(f"signing_key must be an Ed25519 private key (load_private_key) or None, "
+                                   f"got {type(signing_key).__name__}")
     extra = plain_dict(metadata, "metadata")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
         raise InvalidArgumentError(f"safetensors metadata must map str to str, got {extra!r}")
+    if WEIGHTS_SHA256_KEY in extra:
+        raise InvalidArgumentError(f"metadata key {WEIGHTS_SHA256_KEY!r} is reserved: save_weights writes the checksum")
     meta = {"format": "mvtk-weights", "model_class": type(model).__name__, "torch_version": str(torch.__version__),
             "created": utc_now()}
     commit = git_commit()
@@ -35,30 +61,96 @@ def save_weights(path: str | os.PathLike, model: nn.Module, metadata: dict[str, 
         meta["git_commit"] = commit
     meta.update(extra)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    unsealed = safetensors.torch.save(tensors, metadata=meta)
+    meta[WEIGHTS_SHA256_KEY] = weights_digest(unsealed)  # adding the digest changes neither the rest nor the tensors
+    data = safetensors.torch.save(tensors, metadata=meta)
     with writing(path) as tmp:
-        try:
-            safetensors.torch.save_file(tensors, tmp, metadata=meta)
-        except safetensors.SafetensorError as exc:  # safetensors' writer reports a full disk as this, not OSError
-            code = re.search(r"\(os error (\d+)\)", str(exc))
-            raise write_error(path, int(code.group(1)) if code else errno.EIO, first_line(exc)) from exc
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+    if signing_key is not None:
+        sign_file(path, signing_key, sha256=sha256_bytes(data))
     return Path(path)
 
 
-def load_weights(path: str | os.PathLike, model: nn.Module | None = None, *, device="cpu") -> dict[str, str]:
-    """Load a safetensors file into `model` (checked to fit first); returns its metadata (Lesson 03, §5)."""
+def weights_digest(data: bytes) -> str:
+    """SHA-256 of a safetensors file's header (canonical JSON, without mvtk_sha256) and tensor bytes (Lesson 03, §5).
+
+    The header is the tensor index (names, dtypes, shapes, offsets) and the metadata; the entry
+    `mvtk_sha256` is left out, so the digest can be stored there. Raises ValueError for bytes
+    that are not a safetensors file.
+    """
+    header, start = _header(data)
+    header = dict(header)
+    header["__metadata__"] = {k: v for k, v in (header.get("__metadata__") or {}).items() if k != WEIGHTS_SHA256_KEY}
+    digest = hashlib.sha256(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
+    digest.update(memoryview(data)[start:])
+    return digest.hexdigest()
+
+
+def load_weights(path: str | os.PathLike, model: nn.Module | None = None, *, device="cpu",
+                 verify_key: Ed25519PublicKey | None = None) -> dict[str, str]:
+    """Load a save_weights file into `model` after checking its SHA-256 and fit; returns its metadata (Lesson 03, §5).
+
+    The file is read once; its SHA-256 (`mvtk_sha256`) is checked on those bytes before any
+    tensor is used (IntegrityError naming the file). With `verify_key` (Ed25519, `load_public_key`),
+    `path.sig` must sign the file (SignatureError otherwise) (Lesson 03, §7). A safetensors file
+    not written by save_weights has no checksum: open it with `safetensors.torch.load_file`.
+    """
+    check_path(path)
+    if model is not None:
+        check_module(model)
+    if verify_key is not None and not isinstance(verify_key, Ed25519PublicKey):
+        raise InvalidArgumentError(f"verify_key must be an Ed25519 public key (load_public_key) or None, "
+                                   f"got {type(verify_key).__name__}")
+    if not isinstance(device, (str, torch.device)):
+        raise InvalidArgumentError(f"device must be a str or torch.device, got {type(device).__name__}")
     source = str(path)
     if not Path(path).is_file():
         raise CheckpointError(f"weights file {source!r} does not exist (or is not a file)")
-    if Path(path).stat().st_size == 0:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read weights file {source!r}: {exc.strerror or first_line(exc)}") from None
+    if not data:
         raise CheckpointError(f"weights file {source!r} is empty (0 bytes)")
     try:
-        with safetensors.safe_open(source, framework="pt", device=str(device)) as handle:
-            metadata = dict(handle.metadata() or {})
-            state = {k: handle.get_tensor(k) for k in handle.keys()} if model is not None else None
-    except (safetensors.SafetensorError, OSError, RuntimeError) as exc:
-        raise CheckpointError(f"{source!r} is not a readable safetensors file: {first_line(exc)}") from None
+        metadata = dict(_header(data)[0].get("__metadata__") or {})
+        actual = weights_digest(data)
+    except ValueError as exc:
+        raise CheckpointError(f"{source!r} is not a readable safetensors file: {exc}") from None
+    recorded = metadata.get(WEIGHTS_SHA256_KEY)
+    if recorded is None:
+        raise CheckpointError(f"{source!r} has no SHA-256 record ({WEIGHTS_SHA256_KEY!r}): it was not written by "
+                              "save_weights; open it with safetensors.torch.load_file")
+    if recorded != actual:
+        error = IntegrityError(f"weights file {source!r} failed its SHA-256 check: its bytes changed after it was "
+                               "saved (a damaged disk or copy); do not use it")
+        error.recorded, error.actual = recorded, actual
+        raise error
+    if verify_key is not None:
+        signed = Path(path).resolve() if Path(path).is_symlink() else Path(path)
+        verify_file(signed, verify_key, sha256=sha256_bytes(data))
     if model is not None:
+        try:
+            state = {k: v.to(device) for k, v in safetensors.torch.load(data).items()}
+        except (safetensors.SafetensorError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"{source!r} is not a readable safetensors file: {first_line(exc)}") from None
         check_state_dict_fits(model, state, source)
         model.load_state_dict(state)
     return metadata
 
+
+def _header(data: bytes) -> tuple[dict, int]:
+    """(the parsed JSON header of safetensors bytes, where the tensor bytes start); ValueError if malformed."""
+    if len(data) < 8:
+        raise ValueError("shorter than the 8-byte header length")
+    size = int.from_bytes(data[:8], "little")
+    if size > HEADER_LIMIT or 8 + size > len(data):
+        raise ValueError(f"its header length ({size} bytes) does not fit the file ({len(data)} bytes)")
+    try:
+        header = json.loads(bytes(data[8:8 + size]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"its header is not JSON ({exc})") from None
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
+        raise ValueError("its header is not a JSON object")
+    return header, 8 + size

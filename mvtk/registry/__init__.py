@@ -4,7 +4,8 @@ A registry is a folder, no server: `index.sqlite` (stdlib sqlite3, WAL mode) hol
 versions, metadata, aliases and the aliases' history; `blobs/` holds the weights as
 safetensors files named by their SHA-256, so identical weights are stored once and loading
 never unpickles. Every write is one SQLite write transaction, so several processes can
-register at once and a killed process leaves nothing half-done. From the shell:
+register at once and a killed process leaves nothing half-done. With a signing key each version's
+record is signed (Ed25519); with a verify key every load checks that signature first. From the shell:
 `python -m mvtk.registry --help`.
 
 Import everything from here (`from mvtk.registry import Registry`); the files below hold the
@@ -27,8 +28,9 @@ from mvtk.registry.blobs import BLOB_DIR, BLOB_SUFFIX, BlobStore
 from mvtk.registry.cli import DEFAULT_ROOT_ENV, main
 from mvtk.registry.diff import TensorChange, VersionDiff, compare_states
 from mvtk.registry.index import RegistryIndex
-from mvtk.registry.records import (AliasEvent, CheckReport, ModelVersion, architecture_label, check_alias,
-                                   check_name, check_version_number, infer_architecture, is_sha256)
+from mvtk.registry.records import (MAX_VERSION, AliasEvent, CheckReport, ModelVersion, architecture_label,
+                                   check_alias, check_name, check_version_number, infer_architecture, is_sha256,
+                                   version_statement)
 from mvtk.registry.registry import EXPORT_FORMAT, INDEX_FILE, Registry
 from mvtk.registry.text import Table
 
@@ -37,6 +39,8 @@ __all__ = [
     "Registry", "ModelVersion", "AliasEvent", "CheckReport", "INDEX_FILE", "EXPORT_FORMAT",
     # §2-§3: the rules a registration and an alias follow (records)
     "check_name", "check_alias", "check_version_number", "is_sha256", "infer_architecture", "architecture_label",
+    # §6: what a version's signature signs; the largest version number (records)
+    "version_statement", "MAX_VERSION",
     # §2, §6: the index and the blob store underneath (index, blobs)
     "RegistryIndex", "BlobStore", "BLOB_DIR", "BLOB_SUFFIX",
     # §2-§4: tables and diffs (text, diff)

@@ -42,12 +42,16 @@ class BlobStore:
         """Store `data` under its SHA-256, unless an intact copy is there already (Lesson 04, §2).
 
         A damaged copy (its bytes no longer match the name) is replaced: registering the same weights
-        again repairs it.
+        again repairs it. Raises RegistryError naming the file when it cannot be written (a full disk).
         """
         path = self.path(sha256)
-        if path.is_file() and sha256_file(path) == sha256:
-            return  # identical weights are stored once
-        write_bytes_atomic(path, data)
+        try:
+            if path.is_file() and sha256_file(path) == sha256:
+                return  # identical weights are stored once
+            write_bytes_atomic(path, data)  # on failure its temporary file is removed: nothing half-written stays
+        except OSError as exc:  # a full disk, a read-only folder, no permission
+            raise RegistryError(f"cannot write the weights file {self._relative(path)} in registry "
+                                f"{str(self.root)!r}: {exc.strerror or exc}; nothing was registered") from exc
 
     def load(self, mv: ModelVersion, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
         """The tensors of `mv` in their registered order, after checking the file's SHA-256 (Lesson 04, §6).
@@ -60,6 +64,9 @@ class BlobStore:
         except FileNotFoundError:
             raise RegistryError(f"{mv.ref}: its weights file {self._relative(path)} is missing from the "
                                 "blob store; restore it from a backup or delete the version") from None
+        except OSError as exc:  # no permission, a folder where the file should be, an I/O error
+            raise RegistryError(f"{mv.ref}: cannot read its weights file {self._relative(path)} in registry "
+                                f"{str(self.root)!r}: {exc.strerror or exc}") from exc
         actual = sha256_bytes(data)
         if actual != mv.sha256:
             raise IntegrityError(f"{mv.ref}: the weights in {self._relative(path)} do not match the SHA-256 "

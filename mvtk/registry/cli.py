@@ -1,16 +1,19 @@
 """The registry's command line, `python -m mvtk.registry`: list, show, diff, alias, promote, rollback (Lesson 04, §7).
 
 Also export and check. Every command opens an existing registry (`--root`, default $MVTK_REGISTRY
-or ./registry), prints plain text and exits 0, or prints `error: Type: message` and exits 1;
-`check` also exits 1 when a blob is missing or corrupt. A usage error (an unknown command, a missing or
-malformed argument) is argparse's: it prints the usage and exits 2. `python -m mvtk.registry` runs
-`main` through the package's `__main__.py`.
+or ./registry), prints plain text and exits 0. A mistake (an unknown name, version or alias, a
+malformed argument, a missing root, a damaged index, a file that cannot be read or written) prints
+one line, `error: Type: message`, on stderr and exits 2, never a traceback. `check` exits 1 when a
+blob is missing or corrupt (or, with `--verify-key`, a version is unsigned or badly signed).
+`--verify-key PUBLIC.pem` makes diff and export verify each version's signature first, and check
+report versions that are unsigned or badly signed. `python -m mvtk.registry` runs `main` through the package's `__main__.py`.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from typing import NoReturn
 
 from mvtk.errors import MvtkError
 from mvtk.registry.registry import Registry
@@ -23,21 +26,42 @@ DEFAULT_ROOT_ENV = "MVTK_REGISTRY"  # the registry folder when --root is not giv
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m mvtk.registry`: list, show, diff, alias, promote, rollback, export, check (Lesson 04, §7)."""
-    args = _parser().parse_args(argv)
     try:
-        text, code = _run(Registry(args.root, create=False), args)
+        args = _parser().parse_args(argv)
+    except _UsageError as exc:
+        return _fail("UsageError", str(exc))
+    try:
+        registry = Registry(args.root, create=False, verify_key=args.verify_key)
+        text, code = _run(registry, args)
     except MvtkError as exc:
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+        return _fail(type(exc).__name__, str(exc))
+    except OSError as exc:  # a root or output path that cannot be read or written
+        return _fail(type(exc).__name__, f"{exc.strerror or exc}: {exc.filename!r}")
     print(text)
     return code
 
 
+class _UsageError(Exception):
+    """A malformed command line: reported in one line, like every other mistake."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # argparse's default prints the usage and exits 2
+        raise _UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _fail(kind: str, message: str) -> int:
+    print(f"error: {kind}: {' '.join(message.split(chr(10)))}", file=sys.stderr)
+    return 2
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mvtk.registry",
+    parser = _Parser(prog="python -m mvtk.registry",
                                      description="Inspect and manage an mvtk model registry (Lesson 04).")
     parser.add_argument("--root", default=os.environ.get(DEFAULT_ROOT_ENV, "registry"),
                         help=f"the registry folder (default: ${DEFAULT_ROOT_ENV} or ./registry)")
+    parser.add_argument("--verify-key", metavar="PUBLIC_PEM",
+                        help="verify every version's signature with this public key before using its weights")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     cmd = sub.add_parser("list", help="list names, or the versions of one name")
     cmd.add_argument("name", nargs="?")
@@ -86,7 +110,8 @@ def _run(registry: Registry, args: argparse.Namespace) -> tuple[str, int]:
         report = registry.check()
         lines = [f"{report.versions} versions checked: {'ok' if report.ok else 'PROBLEMS'}"]
         lines += [f"{what}: {', '.join(items)}" for what, items in
-                  (("missing", report.missing), ("corrupt", report.corrupt), ("orphans", report.orphans),
+                  (("missing", report.missing), ("corrupt", report.corrupt), ("unsigned", report.unsigned),
+                   ("bad signature", report.bad_signature), ("orphans", report.orphans),
                    ("temp files", report.temp_files)) if items]
         return "\n".join(lines), 0 if report.ok else 1
     return _run_alias(registry, args), 0

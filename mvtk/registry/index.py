@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from mvtk.env import utc_now
-from mvtk.errors import NotFoundError
+from mvtk.errors import NotFoundError, RegistryError
 from mvtk.registry.text import alias_cell, ranges
 
 __all__ = ["RegistryIndex", "SCHEMA", "BUSY_TIMEOUT_S"]
@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS versions (
     architecture TEXT, metrics TEXT NOT NULL, params TEXT NOT NULL, tags TEXT NOT NULL,
     notes TEXT NOT NULL, parent INTEGER, created TEXT NOT NULL, git_commit TEXT,
     torch_version TEXT NOT NULL, mvtk_version TEXT NOT NULL, data_fingerprint TEXT,
+    signature TEXT,                        -- Ed25519 over the record (records.version_statement), NULL when unsigned
     PRIMARY KEY (name, version)
 );
 CREATE INDEX IF NOT EXISTS versions_by_sha256 ON versions(sha256);
@@ -57,16 +58,40 @@ CREATE TABLE IF NOT EXISTS alias_events (  -- append-only audit trail of every a
 class RegistryIndex:
     """One registry's index file: a connection per thread and process, transactions, queries (Lesson 04, §2).
 
-    `label` names the registry in error messages. Opening creates the tables if they are missing.
+    `label` names the registry in error messages. Opening creates the tables if they are missing, and
+    adds the columns later mvtk versions added (`signature`) to an older index. Every SQLite error
+    (a damaged file, a full disk, a lock held too long) becomes a RegistryError naming the file.
     """
 
     def __init__(self, path: Path, label: str):
         self.path, self.label = path, label
         self._local = threading.local()
-        self.connect().execute("PRAGMA journal_mode = WAL")  # readers never block the writer, and vice versa
+        with self.errors():
+            self.connect().execute("PRAGMA journal_mode = WAL")  # readers never block the writer, and vice versa
         with self.write() as conn:
             for statement in SCHEMA.split(";")[:-1]:
                 conn.execute(statement)
+            columns = {r[1] for r in conn.execute("PRAGMA table_info(versions)")}
+            if "signature" not in columns:  # an index written before versions were signed: still readable
+                conn.execute("ALTER TABLE versions ADD COLUMN signature TEXT")
+
+    @contextlib.contextmanager
+    def errors(self) -> Iterator[None]:
+        """Turn any sqlite3 error raised inside into a RegistryError naming the index file and a remedy (Lesson 04, §2)."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            text = str(exc)
+            if "full" in text:
+                hint = "the disk holding it is full: free some space and try again; nothing was changed"
+            elif "locked" in text or "busy" in text:
+                hint = f"another process held the registry's write lock for over {BUSY_TIMEOUT_S:.0f} s"
+            elif type(exc) is sqlite3.DatabaseError or "malformed" in text:
+                hint = ("the file is damaged or is not an SQLite database: restore it from a backup "
+                        "(Registry.export writes the index as JSON you can keep in git)")
+            else:
+                hint = "the index could not be read or written"
+            raise RegistryError(f"registry index {str(self.path)!r}: {text}; {hint}") from exc
 
     # -- connections and transactions ----------------------------------------------------------------------
 
@@ -102,24 +127,26 @@ class RegistryIndex:
     @contextlib.contextmanager
     def _transaction(self, begin: str) -> Iterator[sqlite3.Connection]:
         # Whatever happens, the cached per-thread connection leaves here outside any transaction.
-        conn = self.connect()
-        conn.execute(begin)
-        try:
-            yield conn
-        except BaseException:
-            _rollback(conn)  # SQLite may have rolled back already (disk full, say): never hide the original error
-            raise
-        try:
-            conn.execute("COMMIT")
-        except BaseException:
-            _rollback(conn)  # a failed COMMIT (a deferred constraint, a full disk) leaves the transaction open
-            raise
+        with self.errors():
+            conn = self.connect()
+            conn.execute(begin)
+            try:
+                yield conn
+            except BaseException:
+                _rollback(conn)  # SQLite may have rolled back already (disk full, say): never hide the original error
+                raise
+            try:
+                conn.execute("COMMIT")
+            except BaseException:
+                _rollback(conn)  # a failed COMMIT (a deferred constraint, a full disk) leaves the transaction open
+                raise
 
     # -- versions ------------------------------------------------------------------------------------------
 
     def names(self, conn: sqlite3.Connection | None = None) -> list[str]:
         """The registered model names, sorted."""
-        return [r[0] for r in (conn or self.connect()).execute("SELECT DISTINCT name FROM versions ORDER BY name")]
+        with self.errors():
+            return [r[0] for r in (conn or self.connect()).execute("SELECT DISTINCT name FROM versions ORDER BY name")]
 
     def require_name(self, conn, name: str) -> None:
         """Raise NotFoundError, listing the names, unless `name` has a version."""
@@ -173,8 +200,13 @@ class RegistryIndex:
 
     def blob_rows(self, conn: sqlite3.Connection | None = None) -> list[tuple[str, int, str]]:
         """(name, version, sha256) of every version, sorted."""
-        return [tuple(r) for r in (conn or self.connect()).execute(
-            "SELECT name, version, sha256 FROM versions ORDER BY name, version")]
+        with self.errors():
+            return [tuple(r) for r in (conn or self.connect()).execute(
+                "SELECT name, version, sha256 FROM versions ORDER BY name, version")]
+
+    def all_version_rows(self, conn) -> list[sqlite3.Row]:
+        """Every row of every name, sorted by name and version (Lesson 04, §6)."""
+        return conn.execute("SELECT * FROM versions ORDER BY name, version").fetchall()
 
     # -- aliases -------------------------------------------------------------------------------------------
 

@@ -27,13 +27,15 @@ from mvtk.models import MLP, MODELS, MLPv2, SmallCNN, build_model, unwrap
 __all__ = [
     "ModelVersion", "AliasEvent", "CheckReport",
     "NAME_PATTERN", "ALIAS_PATTERN", "SHA256_PATTERN",
-    "check_name", "check_alias", "check_version_number", "is_sha256", "architecture_label",
-    "new_version_row", "infer_architecture", "weights_and_architecture", "version_from_row", "event_from_row",
+    "check_name", "check_alias", "check_version_number", "is_sha256", "architecture_label", "shown",
+    "MAX_VERSION", "STATEMENT_PREFIX", "version_statement", "new_version_row", "infer_architecture", "weights_and_architecture", "version_from_row", "event_from_row",
 ]
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # no '@' or '/': `name@alias` stays readable
 ALIAS_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")      # starts with a letter: never mistaken for a version
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")  # a SHA-256 as hexdigest() writes it: blob names, data fingerprints
+MAX_VERSION = 2**63 - 1       # SQLite's largest INTEGER: a larger number can never name a version
+STATEMENT_PREFIX = b"mvtk-registry-version/1\n"  # what a version's signature signs: this + version_statement's JSON
 JSON_COLUMNS = ("architecture", "metrics", "params", "tags", "tensor_keys")  # stored as JSON text in the index
 
 
@@ -55,6 +57,7 @@ class ModelVersion:
     mvtk_version: str
     data_fingerprint: str | None      # mvtk.data.fingerprint of the training data
     tensor_keys: tuple[str, ...] = field(default=(), repr=False)
+    signature: str | None = field(default=None, repr=False)  # Ed25519 over version_statement(); None: unsigned
 
     @property
     def ref(self) -> str:
@@ -65,7 +68,7 @@ class ModelVersion:
         """Every field on its own line, as `python -m mvtk.registry show` prints it (Lesson 04, §2)."""
         lines = [f"{self.ref}"]
         for key in ("sha256", "architecture", "metrics", "params", "tags", "notes", "parent", "created",
-                    "git_commit", "torch_version", "mvtk_version", "data_fingerprint"):
+                    "git_commit", "torch_version", "mvtk_version", "data_fingerprint", "signature"):
             value = getattr(self, key)
             shown = json.dumps(value, sort_keys=True) if isinstance(value, dict) else value
             lines.append(f"  {key}: {'-' if shown is None else shown}")
@@ -86,39 +89,71 @@ class AliasEvent:
 
 @dataclass(frozen=True)
 class CheckReport:
-    """What `Registry.check` found: versions whose blob is missing or corrupt, and leftovers (Lesson 04, §6)."""
+    """What `Registry.check` found: versions whose blob is missing or corrupt, and leftovers (Lesson 04, §6).
+
+    With a verify key, also the versions that are unsigned or whose signature does not verify.
+    """
     versions: int
     missing: tuple[str, ...]          # versions whose blob file is gone
     corrupt: tuple[str, ...]          # versions whose blob no longer matches its SHA-256
     orphans: tuple[str, ...]          # blobs no version uses (an interrupted register or delete); harmless
     temp_files: tuple[str, ...]       # half-written files a killed writer left; harmless
+    unsigned: tuple[str, ...] = ()    # versions without a signature (listed only when a verify key is given)
+    bad_signature: tuple[str, ...] = ()  # versions whose record changed after signing, or another key signed it
 
     @property
     def ok(self) -> bool:
-        """True when every version's weights are present and match their checksum."""
-        return not self.missing and not self.corrupt
+        """True when every version's weights are present and match their checksum (and signature, if checked)."""
+        return not (self.missing or self.corrupt or self.unsigned or self.bad_signature)
 
 
 # -- the rules --------------------------------------------------------------------------------------------------
 
 
-def check_name(name) -> None:
-    """Raise InvalidArgumentError unless `name` is a valid model name (Lesson 04, §2)."""
+def check_name(name, what: str = "model name") -> str:
+    """Return `name` if it is a valid model name, else raise InvalidArgumentError naming `what` (Lesson 04, §2).
+
+    A name never becomes part of a file path (blobs are named by their SHA-256), but the rule keeps
+    names readable in `name@alias` and on the command line: no '/', '..', NUL, newline or '@'.
+    """
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise InvalidArgumentError(f"model name must be 1-128 letters, digits, '.', '_' or '-' (no '@' or '/'), "
-                                   f"got {name!r}")
+        raise InvalidArgumentError(f"{what} must be a str of 1-128 ASCII letters, digits, '.', '_' or '-' starting "
+                                   f"with a letter or digit (no '@' or '/'), got {shown(name)}")
+    return name
 
 
-def check_alias(alias) -> None:
-    """Raise InvalidArgumentError unless `alias` is a valid alias such as 'production' (Lesson 04, §3)."""
+def check_alias(alias, what: str = "alias") -> str:
+    """Return `alias` if it is a valid alias such as 'production', else raise InvalidArgumentError (Lesson 04, §3)."""
     if not isinstance(alias, str) or not ALIAS_PATTERN.fullmatch(alias):
-        raise InvalidArgumentError(f"alias must start with a letter and hold only letters, digits, '_' or '-' "
-                                   f"(e.g. 'production'), got {alias!r}")
+        raise InvalidArgumentError(f"{what} must be a str that starts with a letter and holds only letters, digits, "
+                                   f"'_' or '-' (e.g. 'production'), got {shown(alias)}")
+    return alias
 
 
 def check_version_number(version, what: str) -> int:
-    """Return `version` if it is an int >= 1, else raise InvalidArgumentError naming `what` (Lesson 04, §2)."""
-    return check_int(version, what, low=1, what="a version number")
+    """Return `version` if it is an int in [1, 2**63 - 1], else raise InvalidArgumentError naming `what` (Lesson 04, §2)."""
+    if isinstance(version, str):  # "3" is not a version number: say so without echoing a 10 kB str
+        raise InvalidArgumentError(f"{what} must be a version number (an int) in [1, {MAX_VERSION}], "
+                                   f"got the str {shown(version)}")
+    return check_int(version, what, low=1, high=MAX_VERSION, what="a version number (an int)")
+
+
+def shown(value, limit: int = 80) -> str:
+    """repr(value), cut to `limit` characters with its length noted, for error messages (Lesson 04, §2)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(value) if isinstance(value, (str, bytes)) else len(text)} characters)"
+
+
+def version_statement(mv: "ModelVersion") -> bytes:
+    """What a version's signature signs: every field recorded at registration, as canonical JSON (Lesson 04, §6).
+
+    Name, number, the weights' SHA-256, tensor order, architecture, metrics, params and the rest:
+    whoever edits any of them in the index (or swaps the weights and their SHA-256) breaks the signature.
+    """
+    fields = {key: getattr(mv, key) for key in ModelVersion.__dataclass_fields__ if key != "signature"}
+    return STATEMENT_PREFIX + json.dumps(fields, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
 def is_sha256(value) -> bool:

@@ -6,6 +6,12 @@ versions, metadata, aliases and the aliases' history; `blobs/` (the blob store,
 checks every argument at entry, then coordinates the two: every write is one SQLite write
 transaction, so several processes can register at once and a killed process leaves nothing
 half-done.
+
+Signed versions: a registry opened with a `signing_key` signs every version it registers (an
+Ed25519 signature over the version's whole record, its weights' SHA-256 included); one opened with
+a `verify_key` checks that signature before any weights are used. The SHA-256 alone detects
+accidental corruption only: whoever can write the folder can edit a blob and store its new SHA-256
+in the index with the stdlib's sqlite3. The signature cannot be re-made without the private key.
 """
 from __future__ import annotations
 
@@ -17,15 +23,19 @@ from typing import TYPE_CHECKING, Mapping
 import torch
 from torch import nn
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
 from mvtk.checkpoint import check_state_dict_fits
-from mvtk.errors import InvalidArgumentError, NotFoundError, RegistryError
+from mvtk.checkpoint.signing import load_private_key, load_public_key, sign_statement, verify_statement
+from mvtk.errors import InvalidArgumentError, NotFoundError, RegistryError, SignatureError
 from mvtk.files import write_bytes_atomic
 from mvtk.models import build_model
 from mvtk.registry.blobs import BlobStore
 from mvtk.registry.diff import VersionDiff, compare_states
 from mvtk.registry.index import RegistryIndex
-from mvtk.registry.records import (AliasEvent, CheckReport, ModelVersion, check_alias, check_version_number,
-                                   event_from_row, new_version_row, version_from_row)
+from mvtk.registry.records import (AliasEvent, CheckReport, ModelVersion, check_alias, check_name,
+                                   check_version_number, event_from_row, new_version_row, version_from_row,
+                                   version_statement)
 from mvtk.registry.text import Table, history_table, names_table, versions_table
 
 if TYPE_CHECKING:
@@ -41,11 +51,20 @@ class Registry:
     """A folder of model versions: SQLite index + content-addressed safetensors blobs (Lesson 04, §2).
 
     `create=False` refuses a folder that holds no registry yet (the command line uses it).
+    `signing_key` (an Ed25519 private key, or the path of its PEM file from
+    mvtk.checkpoint.signing.new_signing_key) signs every version registered through this object;
+    `verify_key` (the public key, or its PEM path) makes every load, diff and export verify the
+    version's signature first, raising SignatureError when it is missing or wrong, and makes check()
+    list unsigned and badly signed versions.
     """
 
-    def __init__(self, root: str | os.PathLike, *, create: bool = True):
+    def __init__(self, root: str | os.PathLike, *, create: bool = True,
+                 signing_key: Ed25519PrivateKey | str | os.PathLike | None = None,
+                 verify_key: Ed25519PublicKey | str | os.PathLike | None = None):
         if not isinstance(root, (str, os.PathLike)):
             raise InvalidArgumentError(f"root must be a folder path, got {type(root).__name__}")
+        self.signing_key = _key(signing_key, Ed25519PrivateKey, load_private_key, "signing_key", "private")
+        self.verify_key = _key(verify_key, Ed25519PublicKey, load_public_key, "verify_key", "public")
         self.root = Path(root)
         self.index = self.root / INDEX_FILE
         if not self.index.is_file():
@@ -62,7 +81,8 @@ class Registry:
         return f"Registry({str(self.root)!r})"
 
     def __reduce__(self):
-        return (Registry, (self.root,))  # pickles as its folder: a worker process opens its own connection
+        # pickles as its folder and keys: a worker process opens its own connection
+        return (_reopen, (self.root, _raw(self.signing_key), _raw(self.verify_key)))
 
     def close(self) -> None:
         """Close this thread's connection to the index (a later call opens a new one) (Lesson 04, §2)."""
@@ -86,7 +106,8 @@ class Registry:
         transaction. `architecture` is inferred for the course's models; `dataset` (an mvtk
         ImageDataset, or its fingerprint: a string of 64 lowercase hex digits from
         mvtk.data.fingerprint) is stored as its fingerprint; git commit, torch and mvtk versions and
-        the time are recorded for you.
+        the time are recorded for you. With a signing key, the version's record is signed too.
+        Raises RegistryError naming the file when the disk is full; nothing is registered then.
         """
         row, data = new_version_row(name, model_or_state_dict, architecture=architecture, metrics=metrics,
                                     params=params, tags=tags, notes=notes, parent=parent, dataset=dataset)
@@ -94,6 +115,8 @@ class Registry:
             if parent is not None:
                 self._get(conn, name, parent, None)
             row["version"] = self._db.next_version(conn, name)
+            if self.signing_key is not None:
+                row["signature"] = sign_statement(version_statement(version_from_row(row)), self.signing_key)
             self.blobs.put(row["sha256"], data)
             self._db.insert_version(conn, row)
         return version_from_row(row)
@@ -110,7 +133,7 @@ class Registry:
 
     def versions(self, name: str) -> list[ModelVersion]:
         """Every version of `name`, oldest first (Lesson 04, §2)."""
-        _checked_name(name)
+        check_name(name)
         with self._db.read() as conn:
             self._db.require_name(conn, name)
             rows = self._db.version_rows(conn, name)
@@ -124,7 +147,7 @@ class Registry:
 
     def aliases(self, name: str) -> dict[str, int]:
         """The aliases of `name` and the version each points to (Lesson 04, §3)."""
-        _checked_name(name)
+        check_name(name)
         with self._db.read() as conn:
             self._db.require_name(conn, name)
             return self._db.aliases(conn, name)
@@ -133,15 +156,19 @@ class Registry:
              device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
         """The state_dict of a version, verified against its SHA-256 first; nothing is unpickled (Lesson 04, §6).
 
-        Raises IntegrityError when the stored bytes changed since registration, and RegistryError
-        when the blob file is missing.
+        Raises IntegrityError when the stored bytes changed since registration, RegistryError
+        when the blob file is missing, and (with a verify key) SignatureError when the version is
+        unsigned or its record or weights changed after signing.
         """
-        return self.blobs.load(self.get(name, version, alias), device)
+        return self.blobs.load(self.verified(self.get(name, version, alias)), device)
 
     def load_model(self, name: str, version: int | None = None, alias: str | None = None, *,
                    device: torch.device | str | None = None) -> nn.Module:
-        """The version's model rebuilt with mvtk.models.build_model, weights loaded, in eval() mode (Lesson 04, §6)."""
-        mv = self.get(name, version, alias)
+        """The version's model rebuilt with mvtk.models.build_model, weights loaded, in eval() mode (Lesson 04, §6).
+
+        Verified like load(): checksum always, signature when the registry has a verify key.
+        """
+        mv = self.verified(self.get(name, version, alias))
         if mv.architecture is None:
             raise RegistryError(f"{mv.ref} was registered without an architecture, so it cannot be rebuilt; "
                                 "use load() with your own model class, or register with "
@@ -170,8 +197,19 @@ class Registry:
         Lists the tensors added, removed and reshaped, the relative weight change per tensor, and the
         metric and param deltas.
         """
-        mv_a, mv_b = (self.get(name, *_version_or_alias(x)) for x in (a, b))
+        mv_a, mv_b = (self.verified(self.get(name, *_version_or_alias(x, w))) for x, w in ((a, "a"), (b, "b")))
         return VersionDiff(mv_a, mv_b, compare_states(self.blobs.load(mv_a), self.blobs.load(mv_b)))
+
+    def verified(self, mv: ModelVersion) -> ModelVersion:
+        """`mv` itself, after checking its signature when this registry has a verify key (Lesson 04, §6).
+
+        Raises SignatureError naming the version when it is unsigned, signed by another key, or its
+        record (the weights' SHA-256 included) changed after signing.
+        """
+        if self.verify_key is not None:
+            verify_statement(version_statement(mv), mv.signature, self.verify_key,
+                             f"{mv.ref} in registry {str(self.root)!r}")
+        return mv
 
     def table(self, name: str | None = None) -> Table:
         """Every name (versions, latest, aliases), or every version of `name`, as a table (Lesson 04, §2)."""
@@ -184,7 +222,7 @@ class Registry:
 
     def set_alias(self, name: str, alias: str, version: int) -> ModelVersion:
         """Point `name@alias` at `version` (moving it if it pointed elsewhere); the move is logged (Lesson 04, §3)."""
-        _checked_name(name)
+        check_name(name)
         check_alias(alias)
         check_version_number(version, "version")  # here too: None would otherwise read as "the latest"
         with self._db.write() as conn:
@@ -193,9 +231,13 @@ class Registry:
         return mv
 
     def promote(self, name: str, source: str = "staging", target: str = "production") -> ModelVersion:
-        """Point `target` at the version `source` points to, e.g. staging -> production (Lesson 04, §3)."""
-        _checked_name(name)
-        check_alias(target)
+        """Point `target` at the version `source` points to, e.g. staging -> production (Lesson 04, §3).
+
+        Both are alias names; None is refused (it never means "the latest": promote a number with set_alias).
+        """
+        check_name(name)
+        check_alias(source, "source")
+        check_alias(target, "target")
         with self._db.write() as conn:
             mv = self._get(conn, name, None, source)
             self._db.move_alias(conn, name, target, mv.version, "promote")
@@ -203,7 +245,8 @@ class Registry:
 
     def remove_alias(self, name: str, alias: str) -> None:
         """Delete `name@alias` (the versions stay); the removal is logged (Lesson 04, §3)."""
-        _checked_name(name)
+        check_name(name)
+        check_alias(alias)
         with self._db.write() as conn:
             mv = self._get(conn, name, None, alias)
             self._db.remove_alias(conn, name, alias, mv.version)
@@ -214,7 +257,9 @@ class Registry:
 
     def alias_history(self, name: str, alias: str | None = None) -> list[AliasEvent]:
         """Every move of `name`'s aliases (or of one alias), oldest first: who was production when (Lesson 04, §3)."""
-        _checked_name(name)
+        check_name(name)
+        if alias is not None:
+            check_alias(alias)
         with self._db.read() as conn:
             self._db.require_name(conn, name)
             events = self._events(conn, name, alias)
@@ -229,7 +274,8 @@ class Registry:
 
         Repeated rollbacks walk further back, like undo; versions deleted since are skipped.
         """
-        _checked_name(name)
+        check_name(name)
+        check_alias(alias)
         with self._db.write() as conn:
             current = self._get(conn, name, None, alias)
             existing = set(self._db.numbers(conn, name))
@@ -251,7 +297,7 @@ class Registry:
         Refused while an alias points to it. Its number is never given out again. Then runs gc(), which
         also removes blobs and temporary files that interrupted writes left behind.
         """
-        _checked_name(name)
+        check_name(name)
         check_version_number(version, "version")  # here too: None would otherwise read as "the latest"
         with self._db.write() as conn:
             mv = self._get(conn, name, version, None)
@@ -266,14 +312,23 @@ class Registry:
         """Verify every version's blob against its SHA-256 and list leftovers; changes nothing (Lesson 04, §6).
 
         Leftovers are blobs no version uses and temporary files whose writing process has died; a
-        temporary file of a live writer is a register in progress and is not listed.
+        temporary file of a live writer is a register in progress and is not listed. With a verify
+        key, versions that are unsigned or whose signature does not verify are listed too.
         """
-        rows = self._db.blob_rows()
-        state = {sha: self.blobs.status(sha) for sha in {r[2] for r in rows}}
-        labels = {status: tuple(f"{n} v{v}" for n, v, sha in rows if state[sha] == status)
+        with self._db.read() as conn:
+            versions = [version_from_row(r) for r in self._db.all_version_rows(conn)]
+        state = {sha: self.blobs.status(sha) for sha in {mv.sha256 for mv in versions}}
+        labels = {status: tuple(mv.ref for mv in versions if state[mv.sha256] == status)
                   for status in ("missing", "corrupt")}
+        unsigned, bad = [], []
+        for mv in versions if self.verify_key is not None else ():
+            try:
+                self.verified(mv)
+            except SignatureError:
+                (bad if mv.signature else unsigned).append(mv.ref)
         orphans, temps = self.blobs.leftovers(set(state))
-        return CheckReport(len(rows), labels["missing"], labels["corrupt"], orphans, temps)
+        return CheckReport(len(versions), labels["missing"], labels["corrupt"], orphans, temps,
+                           tuple(unsigned), tuple(bad))
 
     def gc(self) -> list[str]:
         """Delete blobs no version uses and abandoned temporary files; returns what was removed (Lesson 04, §2)."""
@@ -284,7 +339,15 @@ class Registry:
         return list(orphans + temps)
 
     def export(self, path: str | os.PathLike | None = None) -> str:
-        """The whole index as sorted, indented JSON that diffs well in git; also written to `path` (Lesson 04, §7)."""
+        """The whole index as sorted, indented JSON that diffs well in git; also written to `path` (Lesson 04, §7).
+
+        Each version carries its signature (null when unsigned). With a verify key, every version's
+        signature is checked first: a SignatureError names the first that fails, and nothing is written.
+        """
+        if self.verify_key is not None:
+            with self._db.read() as conn:
+                for row in self._db.all_version_rows(conn):
+                    self.verified(version_from_row(row))
         with self._db.read() as conn:
             models = {name: {"aliases": self._db.aliases(conn, name),
                              "alias_history": [_fields(e, "name") for e in self._events(conn, name, None)],
@@ -308,12 +371,6 @@ class Registry:
 # -- checking references at entry, and small helpers ------------------------------------------------------------
 
 
-def _checked_name(name) -> str:
-    if not isinstance(name, str):
-        raise InvalidArgumentError(f"name must be a str, got {type(name).__name__}")
-    return name
-
-
 def _checked_ref(name, version, alias: str | None) -> tuple[str, int | None, str | None]:
     """'name@alias' split; a str name; a version number or an alias, not both."""
     if isinstance(name, str) and "@" in name:
@@ -321,7 +378,9 @@ def _checked_ref(name, version, alias: str | None) -> tuple[str, int | None, str
         if alias is not None and alias != named:
             raise InvalidArgumentError(f"two different aliases given: {named!r} in the name and {alias!r}")
         alias = named
-    _checked_name(name)
+    check_name(name)
+    if alias is not None:
+        check_alias(alias)
     if version is not None and alias is not None:
         raise InvalidArgumentError(f"give a version or an alias for {name!r}, not both "
                                    f"(got {version!r} and {alias!r})")
@@ -330,10 +389,37 @@ def _checked_ref(name, version, alias: str | None) -> tuple[str, int | None, str
     return name, version, alias
 
 
-def _version_or_alias(ref: int | str) -> tuple[int | None, str | None]:
-    if isinstance(ref, str) and ref.isdigit():
-        return int(ref), None
-    return (None, ref) if isinstance(ref, str) else (ref, None)
+def _version_or_alias(ref: int | str, what: str) -> tuple[int | None, str | None]:
+    """A version number (an int, or a str of ASCII digits as the command line passes it) or an alias name."""
+    if isinstance(ref, str) and ref.isascii() and ref.isdigit():
+        return check_version_number(int(ref), what), None
+    if isinstance(ref, str):
+        return None, check_alias(ref, what)
+    return check_version_number(ref, what), None
+
+
+def _key(given, kind: type, loader, what: str, half: str):
+    """None, a key object of `kind`, or the path of its PEM file (loaded); anything else is refused."""
+    if given is None or isinstance(given, kind):
+        return given
+    if isinstance(given, (str, os.PathLike)):
+        return loader(given)
+    raise InvalidArgumentError(f"{what} must be an Ed25519 {half} key or the path of its PEM file "
+                               f"(mvtk.checkpoint.signing.new_signing_key), got {type(given).__name__}")
+
+
+def _raw(key) -> bytes | None:
+    if key is None:
+        return None
+    if isinstance(key, Ed25519PrivateKey):
+        return key.private_bytes_raw()
+    return key.public_bytes_raw()
+
+
+def _reopen(root: Path, signing_raw: bytes | None, verify_raw: bytes | None) -> Registry:
+    """Unpickle a Registry: its folder and keys."""
+    return Registry(root, signing_key=None if signing_raw is None else Ed25519PrivateKey.from_private_bytes(signing_raw),
+                    verify_key=None if verify_raw is None else Ed25519PublicKey.from_public_bytes(verify_raw))
 
 
 def _fields(record, *leave_out: str) -> dict:

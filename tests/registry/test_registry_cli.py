@@ -76,9 +76,9 @@ def test_cli_exports_the_index(three_versions, capsys, tmp_path):
     assert json.loads((tmp_path / "index.json").read_text()) == json.loads(out)
 
 
-def test_cli_reports_errors_on_stderr_with_exit_code_1(three_versions, capsys):
+def test_cli_reports_errors_on_stderr_in_one_line_with_exit_code_2(three_versions, capsys):
     code, out, err = cli(capsys, three_versions, "show", "digits")
-    assert code == 1 and not out and "NotFoundError: no model named 'digits'" in err
+    assert code == 2 and not out and "NotFoundError: no model named 'digits'" in err and err.count("\n") == 1
 
 
 def test_cli_check_exits_1_when_a_blob_is_corrupt(three_versions, capsys):

@@ -24,4 +24,5 @@ def test_export_holds_every_field_but_the_name_and_tensor_order(three_versions):
     version = data["models"]["m"]["versions"][0]
     assert "name" not in version and "tensor_keys" not in version
     assert {"sha256", "architecture", "metrics", "params", "tags", "notes", "parent", "created", "git_commit",
-            "torch_version", "mvtk_version", "data_fingerprint", "version"} == set(version)
+            "torch_version", "mvtk_version", "data_fingerprint", "version", "signature"} == set(version)
+    assert version["signature"] is None  # registered without a signing key

@@ -3,6 +3,7 @@ import sqlite3
 
 import pytest
 
+from mvtk.errors import RegistryError
 from mvtk.registry import RegistryIndex
 
 
@@ -25,9 +26,10 @@ def test_an_error_after_sqlite_rolled_back_itself_is_not_hidden(registry, index,
 
 def test_a_failed_commit_is_rolled_back_and_the_next_write_works(registry, index, seeded_mlp):
     registry.register("m", seeded_mlp(0))
-    with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"), index.write() as conn:
+    with pytest.raises(RegistryError, match="FOREIGN KEY") as failed, index.write() as conn:
         conn.execute("PRAGMA defer_foreign_keys = ON")  # the broken reference fails at COMMIT, not here
         conn.execute("INSERT INTO aliases (name, alias, version) VALUES ('m', 'production', 99)")
+    assert isinstance(failed.value.__cause__, sqlite3.IntegrityError) and "index.sqlite" in str(failed.value)
     assert not index.connect().in_transaction
     assert registry.aliases("m") == {}
     with index.write() as conn:

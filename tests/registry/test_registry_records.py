@@ -27,7 +27,7 @@ def test_describe_prints_every_field_on_its_own_line(registry, mlp):
     mv = registry.register("digits", mlp, metrics={"acc": 0.9}, notes="first")
     lines = mv.describe().splitlines()
     assert lines[0] == "digits v1" and "  metrics: {\"acc\": 0.9}" in lines and "  parent: -" in lines
-    assert len(lines) == 13
+    assert len(lines) == 14 and lines[-1] == "  signature: -"  # unsigned: no signing key
 
 
 def test_git_commit_of_the_working_tree_is_recorded(registry, mlp, tmp_path, monkeypatch):
