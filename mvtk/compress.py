@@ -10,29 +10,32 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
+import hmac
 import io
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
-from torch.nn.functional import cross_entropy, kl_div, log_softmax, softmax
+from torch.nn.functional import cross_entropy, kl_div, log_softmax, mse_loss, softmax
 from torch.nn.utils import prune
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mvtk.data import ImageDataset
-from mvtk.errors import InvalidArgumentError, check_int, check_number, check_positive_int
-from mvtk.files import write_bytes_atomic
+from mvtk.errors import CheckpointError, check_path, IntegrityError, InvalidArgumentError, check_int, check_module, check_number, check_positive_int
+from mvtk.files import writing
 from mvtk.models import copy_model, eval_mode, model_device
 from mvtk.timing import median_latencies
-from mvtk.train import DEFAULT_LR, evaluate, train_step
+from mvtk.train import DEFAULT_LR, TASKS, call_model, check_outputs, evaluate, infer_task, train_step, unpack_batch
 
 __all__ = [
     "LATENCY_THREADS", "LATENCY_BATCHES", "LATENCY_ROUNDS", "PRUNABLE", "INT8_BACKENDS", "HALF_DTYPES",
-    "GZIP_LEVEL", "UNLABELLED", "Measurement", "measure", "saved_size", "latencies_ms", "report",
+    "GZIP_LEVEL", "GZIP_SHA256_ID", "UNLABELLED", "Measurement", "measure", "saved_size", "latencies_ms", "report",
     "plot_tradeoff", "on_cpu", "layer_values", "sparsity", "prune_layer", "prune_global", "prune_neurons",
     "make_permanent", "drop_pruned_neurons", "cast", "quantize_int8", "save_compressed", "load_compressed",
     "split_labelled", "distillation_loss", "distill",
@@ -45,6 +48,7 @@ PRUNABLE = (nn.Linear, nn.Conv2d)
 INT8_BACKENDS = ("torch.ao", "torchao")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 GZIP_LEVEL = 6                # gzip -6, the command-line default: level 9 is 10x slower for ~5% less
+GZIP_SHA256_ID = b"MV"        # the gzip extra subfield (RFC 1952, 2.3.1.1) that holds save_compressed's SHA-256
 UNLABELLED = -1               # the label of an example whose label the student may not see
 
 
@@ -62,12 +66,13 @@ class Measurement:
     sparsity: float       # fraction of those values that are exactly zero
     file_bytes: int       # torch.save(state_dict) on disk
     gzip_bytes: int       # the same file, gzip-compressed
-    accuracy: float       # on the loader given to `measure`
+    accuracy: float       # on the loader given to `measure` (nan for a regression model: see mse)
     latency_ms: dict[int, float] = field(default_factory=dict)  # batch size -> median ms
     speedup: dict[int, float] = field(default_factory=dict)     # batch size -> baseline ms / this ms, same run
+    mse: float | None = None  # regression models: mean squared error on the loader (None for classifiers)
 
 
-def measure(model: nn.Module, loader: DataLoader, folder: str | Path, name: str, *,
+def measure(model: nn.Module, loader: DataLoader, folder: str | os.PathLike, name: str, *,
             baseline: nn.Module | None = None, repeats: int = 30, warmup: int = 2) -> Measurement:
     """Measure `model` on the CPU: sizes, accuracy on `loader`, latency and speed-up over `baseline` (Lesson 06, §1).
 
@@ -75,14 +80,23 @@ def measure(model: nn.Module, loader: DataLoader, folder: str | Path, name: str,
     character other than letters, digits, '-' and '_' replaced by '_' ("fp32 baseline" -> fp32_baseline.pt).
     With a `baseline` model, both are timed in turns at every batch size (`latencies_ms`), so the speed-up
     compares timings taken under the same machine load. A model on another device is copied to the CPU
-    first; the models themselves are not changed.
+    first; the models themselves are not changed. The model must take one input tensor (batches of
+    (inputs, targets)); a classifier reports accuracy, a regression model (float targets) its MSE.
     """
+    check_module(model)
+    if not isinstance(name, str):
+        raise InvalidArgumentError(f"name must be a str such as 'fp32 baseline', got {type(name).__name__}")
+    folder = check_path(folder)
     model = on_cpu(model)
     try:
-        example_shape = tuple(next(iter(loader))[0].shape[1:])
+        inputs, _ = unpack_batch(next(iter(loader)), "cpu")
     except StopIteration:
         raise InvalidArgumentError(f"loader yields no batches: measure needs at least one batch of {name!r}'s "
                                    "test data to evaluate accuracy and to shape the timing inputs") from None
+    if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point():
+        raise InvalidArgumentError(f"measure times a model of one float input tensor (random inputs shaped like one "
+                                   f"batch), but {name!r}'s loader yields {_describe(inputs)} as inputs")
+    example_shape = tuple(inputs.shape[1:])
     path = Path(folder) / f"{_slug(name)}.pt"
     file_bytes, gzip_bytes = saved_size(model, path)
     values = layer_values(model)
@@ -91,17 +105,25 @@ def measure(model: nn.Module, loader: DataLoader, folder: str | Path, name: str,
     for batch in LATENCY_BATCHES:
         times = latencies_ms(models, example_shape, batch, repeats=repeats, warmup=warmup)
         latency[batch], speedup[batch] = times[0], times[-1] / times[0]
+    scores = evaluate(model, loader, device="cpu")
     return Measurement(
         name=name, weights=sum(v.numel() for v in values.values()), sparsity=sparsity(model),
-        file_bytes=file_bytes, gzip_bytes=gzip_bytes, accuracy=evaluate(model, loader, device="cpu").accuracy,
-        latency_ms=latency, speedup=speedup)
+        file_bytes=file_bytes, gzip_bytes=gzip_bytes,
+        accuracy=scores.accuracy if scores.accuracy is not None else float("nan"),
+        latency_ms=latency, speedup=speedup, mse=scores.mse)
 
 
-def saved_size(model: nn.Module, path: str | Path) -> tuple[int, int]:
-    """torch.save `model.state_dict()` to `path`; returns (file bytes, gzip bytes) (Lesson 06, §1)."""
+def saved_size(model: nn.Module, path: str | os.PathLike) -> tuple[int, int]:
+    """torch.save `model.state_dict()` to `path`; returns (file bytes, gzip bytes) (Lesson 06, §1).
+
+    Written atomically; a full disk raises CheckpointError naming the file, and the old file stays.
+    """
+    check_module(model)
+    path = check_path(path)
     data = _state_dict_bytes(model)
-    write_bytes_atomic(path, data)
-    return Path(path).stat().st_size, len(gzip.compress(data, compresslevel=GZIP_LEVEL, mtime=0))
+    with writing(path, CheckpointError) as tmp:  # a full disk: CheckpointError naming the file, the old file unchanged
+        tmp.write_bytes(data)
+    return path.stat().st_size, len(gzip.compress(data, compresslevel=GZIP_LEVEL, mtime=0))
 
 
 def latencies_ms(models: Sequence[nn.Module], example_shape: tuple[int, ...], batch_size: int, *,
@@ -202,23 +224,35 @@ def prune_layer(model: nn.Module, layer: str, amount: float, name: str = "weight
     """Zero the `amount` fraction of `layer.<name>` with the smallest |value| (L1, unstructured) (Lesson 06, §2).
 
     Adds `<name>_orig` (parameter) and `<name>_mask` (buffer) to the layer; `make_permanent` folds them.
+    A tied weight (one parameter shared by several layers) gets the same mask in every layer that holds it.
     """
     _check_amount(amount)
-    prune.l1_unstructured(_prunable(model, layer, name), name, amount=float(amount))
+    module = _prunable(model, layer, name)
+    prune.l1_unstructured(module, name, amount=float(amount))
+    _mask_tied(model, [(module, name)])
     return model
 
 
 def prune_global(model: nn.Module, amount: float, layer_types: tuple[type, ...] = PRUNABLE) -> nn.Module:
     """Zero the `amount` fraction of all `layer_types` weights with the smallest |value|, ranked together.
 
-    Lesson 06, §2. Every pruned layer gets `weight_orig` and `weight_mask`, as with `prune_layer`.
+    Lesson 06, §2. Every pruned layer gets `weight_orig` and `weight_mask`, as with `prune_layer`. A tied
+    weight is ranked once and gets the same mask in every layer that holds it.
     """
     _check_amount(amount)
-    targets = [(m, "weight") for m in model.modules() if isinstance(m, layer_types)]
+    check_module(model)
+    targets, seen = [], set()
+    for m in model.modules():
+        if isinstance(m, layer_types) and isinstance(getattr(m, "weight", None), torch.Tensor):
+            weight = _parameter(m, "weight")
+            if id(weight) not in seen:  # a tied weight counts once in the ranking
+                seen.add(id(weight))
+                targets.append((m, "weight"))
     if not targets:
         raise InvalidArgumentError(f"{type(model).__name__} has no layers of type "
                                    f"{[t.__name__ for t in layer_types]} to prune")
     prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=float(amount))
+    _mask_tied(model, targets)
     return model
 
 
@@ -228,24 +262,37 @@ def prune_neurons(model: nn.Module, layer: str, amount: float) -> nn.Module:
     Lesson 06, §3. Structured: the zeros come in whole rows, so `drop_pruned_neurons` can remove them.
     """
     _check_amount(amount)
-    prune.ln_structured(_prunable(model, layer, "weight"), "weight", amount=float(amount), n=2, dim=0)
+    module = _prunable(model, layer, "weight")
+    prune.ln_structured(module, "weight", amount=float(amount), n=2, dim=0)
+    _mask_tied(model, [(module, "weight")])
     return model
 
 
 def make_permanent(model: nn.Module) -> nn.Module:
-    """Fold every pruning mask into its weight and drop `*_orig`/`*_mask` (prune.remove), in place (Lesson 06, §2)."""
-    for module in model.modules():
+    """Fold every pruning mask into its weight and drop `*_orig`/`*_mask` (prune.remove), in place (Lesson 06, §2).
+
+    Layers that shared one weight before (tied weights) share the folded weight after.
+    """
+    tied: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in check_module(model).modules():
         for hook in list(module._forward_pre_hooks.values()):
             if isinstance(hook, prune.BasePruningMethod):
+                tied.setdefault(id(getattr(module, f"{hook._tensor_name}_orig")), []).append((module, hook._tensor_name))
                 prune.remove(module, hook._tensor_name)
+    for (first, first_name), *others in tied.values():  # prune.remove gives each layer its own new parameter
+        for module, name in others:
+            setattr(module, name, getattr(first, first_name))
     return model
 
 
-def drop_pruned_neurons(model: nn.Module, layer: str, next_layer: str) -> nn.Module:
+def drop_pruned_neurons(model: nn.Module, layer: str, next_layer: str,
+                        activation: Callable[[torch.Tensor], torch.Tensor] = torch.relu) -> nn.Module:
     """A copy of `model` with the all-zero rows of Linear `layer` removed, and the matching inputs of `next_layer`.
 
-    Lesson 06, §3. A removed neuron still outputs relu(bias), a constant (the course MLPs use ReLU): it is
-    added to `next_layer`'s bias, so the smaller model computes the same function as the pruned one.
+    Lesson 06, §3. A removed neuron still outputs activation(bias), a constant: it is added to
+    `next_layer`'s bias, so the smaller model computes the same function as the pruned one. This assumes
+    `next_layer` takes `activation(layer(x))` (the course MLPs: ReLU); pass the activation your model
+    applies between the two layers (e.g. torch.tanh, or `lambda b: b` for none).
     """
     model = make_permanent(copy_model(model))
     first, second = (_module(model, name) for name in (layer, next_layer))
@@ -260,7 +307,7 @@ def drop_pruned_neurons(model: nn.Module, layer: str, next_layer: str) -> nn.Mod
     with torch.no_grad():
         keep = first.weight.abs().sum(dim=1) != 0
         bias = first.bias if first.bias is not None else torch.zeros(first.out_features, **like)
-        constant = torch.relu(bias[~keep])  # what each dropped neuron always outputs
+        constant = activation(bias[~keep])  # what each dropped neuron always outputs
         smaller_first = nn.Linear(first.in_features, int(keep.sum()), bias=first.bias is not None, **like)
         smaller_first.weight.copy_(first.weight[keep])
         if first.bias is not None:
@@ -297,7 +344,7 @@ def quantize_int8(model: nn.Module, backend: str = "torch.ao") -> nn.Module:
     """
     if backend not in INT8_BACKENDS:
         raise InvalidArgumentError(f"unknown int8 backend {backend!r}; expected one of {INT8_BACKENDS}")
-    if not any(isinstance(m, nn.Linear) for m in model.modules()):
+    if not any(isinstance(m, nn.Linear) for m in check_module(model).modules()):
         raise InvalidArgumentError(f"{type(model).__name__} has no nn.Linear layer to quantize")
     cpu = on_cpu(model)
     model = make_permanent(copy_model(model) if cpu is model else cpu).eval()  # never change the caller's model
@@ -312,24 +359,64 @@ def quantize_int8(model: nn.Module, backend: str = "torch.ao") -> nn.Module:
     return model
 
 
-def save_compressed(model: nn.Module, path: str | Path) -> int:
-    """Write `model.state_dict()` to `path` as a gzipped torch.save file; returns its size in bytes (Lesson 06, §8)."""
-    write_bytes_atomic(path, gzip.compress(_state_dict_bytes(model), compresslevel=GZIP_LEVEL, mtime=0))
-    return Path(path).stat().st_size
+def save_compressed(model: nn.Module, path: str | os.PathLike) -> int:
+    """Write `model.state_dict()` to `path` as a gzipped torch.save file with its SHA-256; returns its size (Lesson 06, §8).
+
+    The SHA-256 of the whole file (its own 32 bytes counted as zeros) sits in a gzip extra field
+    (GZIP_SHA256_ID), so `gunzip` still reads the file and load_compressed detects any changed byte.
+    Written atomically: a full disk raises CheckpointError naming the file, and the old file stays.
+    """
+    check_module(model)
+    path = check_path(path)
+    plain = gzip.compress(_state_dict_bytes(model), compresslevel=GZIP_LEVEL, mtime=0)
+    # gzip.compress writes a 10-byte header without optional fields; add FEXTRA (flag 4) with one subfield
+    header = plain[:3] + bytes([plain[3] | 0x04]) + plain[4:10]
+    extra = len(GZIP_SHA256_ID + b"\0\0" + bytes(32)).to_bytes(2, "little") + GZIP_SHA256_ID + (32).to_bytes(2, "little")
+    unsealed = header + extra + bytes(32) + plain[10:]
+    digest = hashlib.sha256(unsealed).digest()
+    with writing(path, CheckpointError) as tmp:
+        tmp.write_bytes(unsealed[:_DIGEST_AT] + digest + unsealed[_DIGEST_AT + 32:])
+    return path.stat().st_size
 
 
-def load_compressed(path: str | Path) -> dict:
-    """The state_dict in a file written by `save_compressed`, loaded with weights_only=True (Lesson 06, §8)."""
-    path = Path(path)
+_DIGEST_AT = 10 + 2 + 4  # gzip header, XLEN, subfield id and length: then the 32-byte SHA-256
+
+
+def load_compressed(path: str | os.PathLike) -> dict:
+    """The state_dict in a file written by `save_compressed`, SHA-256 verified, loaded with weights_only=True (Lesson 06, §8).
+
+    A file whose bytes differ from the SHA-256 recorded in it, or that has none (empty, truncated, a
+    plain .gz written elsewhere), raises IntegrityError naming it; nothing is unpickled before that.
+    """
+    path = check_path(path)
     if not path.is_file():
         raise InvalidArgumentError(f"no compressed model at {str(path)!r}")
+    data = path.read_bytes()
+    header = data[:_DIGEST_AT]
+    expected_header = b"\x1f\x8b\x08", 0x04, (36).to_bytes(2, "little") + GZIP_SHA256_ID + (32).to_bytes(2, "little")
+    if (len(data) < _DIGEST_AT + 32 + 18 or header[:3] != expected_header[0] or header[3] != expected_header[1]
+            or header[10:] != expected_header[2]):
+        raise IntegrityError(f"{str(path)!r} is not an intact file written by save_compressed ({len(data)} bytes, "
+                             "no SHA-256 record in its gzip header): it is empty, truncated, damaged or another kind of file")
+    recorded = data[_DIGEST_AT:_DIGEST_AT + 32]
+    actual = hashlib.sha256(data[:_DIGEST_AT] + bytes(32) + data[_DIGEST_AT + 32:]).digest()
+    if not hmac.compare_digest(recorded, actual):
+        raise IntegrityError(f"{str(path)!r} does not match the SHA-256 recorded in it when save_compressed wrote it "
+                             f"(expected {recorded.hex()[:12]}..., got {actual.hex()[:12]}...): the file is damaged or was changed")
     try:
-        data = gzip.decompress(path.read_bytes())
-    except (OSError, EOFError) as exc:
-        raise InvalidArgumentError(f"{str(path)!r} is not a gzip file written by save_compressed: {exc}") from exc
-    with warnings.catch_warnings():  # loading int8 tensors goes through torch's own deprecated TypedStorage
-        warnings.filterwarnings("ignore", message=r"TypedStorage is deprecated")
-        return torch.load(io.BytesIO(data), weights_only=True)
+        state = gzip.decompress(data)
+    except (OSError, EOFError, ValueError) as exc:  # verified bytes that still fail: written by another program
+        raise IntegrityError(f"{str(path)!r} has a valid SHA-256 but is not a gzip stream: {exc}") from exc
+    try:
+        with warnings.catch_warnings():  # loading int8 tensors goes through torch's own deprecated TypedStorage
+            warnings.filterwarnings("ignore", message=r"TypedStorage is deprecated")
+            loaded = torch.load(io.BytesIO(state), weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{str(path)!r} holds no state_dict loadable with weights_only=True: "
+                             f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ''}") from exc
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"{str(path)!r} holds a {type(loaded).__name__}, not a state_dict")
+    return loaded
 
 
 # --- distillation (§7) ----------------------------------------------------------------------------
@@ -347,31 +434,66 @@ def split_labelled(dataset: ImageDataset, n_labelled: int, seed: int = 0) -> tup
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
-                      temperature: float = 4.0, alpha: float = 0.5) -> torch.Tensor:
-    """alpha·T²·KL(teacher_T ‖ student_T) on all examples + (1-alpha)·cross-entropy on labelled ones (Lesson 06, §7).
+                      temperature: float = 4.0, alpha: float = 0.5, task: str | None = None) -> torch.Tensor:
+    """alpha·soft + (1-alpha)·hard: the student learns the teacher's outputs and the known labels (Lesson 06, §7).
 
-    Labels equal to -1 (hidden) count only in the KL term. T² keeps the soft term's gradient
-    on the same scale as the cross-entropy's whatever the temperature (Hinton et al., 2015).
+    Classification (integer labels): soft = T²·KL(teacher_T ‖ student_T) on all examples, hard =
+    cross-entropy on labelled ones (labels -1, UNLABELLED, count only in the soft term); T² keeps the
+    soft term's gradient on the same scale as the cross-entropy's (Hinton et al., 2015). Regression
+    (float targets): soft = MSE to the teacher's outputs, hard = MSE to the targets (NaN targets count
+    only in the soft term); `temperature` does not apply. `task` None: read from the labels. Student and
+    teacher must give outputs of the same shape.
     """
     _check_distillation(temperature, alpha)
+    for what, value in (("student outputs", student_logits), ("teacher outputs", teacher_logits)):
+        if not isinstance(value, torch.Tensor):
+            raise InvalidArgumentError(f"{what} must be a tensor, got {type(value).__name__}")
+    if student_logits.shape != teacher_logits.shape:
+        raise InvalidArgumentError(f"the student's outputs {tuple(student_logits.shape)} and the teacher's "
+                                   f"{tuple(teacher_logits.shape)} differ in shape: distillation needs a student "
+                                   "with the teacher's outputs (the same classes, or the same regression values)")
+    task = task or infer_task(labels)  # integer labels (-1: hidden): classification; float: regression
+    if task == "regression":
+        targets = labels.float()
+        check_outputs(student_logits, torch.zeros_like(targets), "regression")  # one output per target value
+        soft = mse_loss(student_logits, teacher_logits)
+        known = ~torch.isnan(targets.reshape(len(targets), -1)).any(dim=1)
+        if not known.any():
+            return alpha * soft + (1 - alpha) * (student_logits.sum() * 0)
+        outputs, targets, _ = check_outputs(student_logits[known], targets[known], "regression")
+        return alpha * soft + (1 - alpha) * mse_loss(outputs, targets)
+    if student_logits.dim() != 2 or student_logits.shape[1] < 2:
+        raise InvalidArgumentError(f"classification distillation needs outputs of shape (N, classes) with 2 or more "
+                                   f"classes, got {tuple(student_logits.shape)}: a softmax over one output is always "
+                                   "1; distill a one-output model with task='regression' and float targets")
     soft = kl_div(log_softmax(student_logits / temperature, dim=1), softmax(teacher_logits / temperature, dim=1),
                   reduction="batchmean") * temperature ** 2
     known = labels != UNLABELLED
-    hard = cross_entropy(student_logits[known], labels[known]) if known.any() else student_logits.sum() * 0
+    if known.any():
+        outputs, targets, _ = check_outputs(student_logits[known], labels[known], "classification")
+        hard = cross_entropy(outputs, targets)
+    else:
+        hard = student_logits.sum() * 0
     return alpha * soft + (1 - alpha) * hard
 
 
 def distill(student: nn.Module, teacher: nn.Module, loader: DataLoader, *, epochs: int,
             temperature: float = 4.0, alpha: float = 0.5, optimizer: torch.optim.Optimizer | None = None,
-            device: torch.device | str | None = None, progress: bool = True) -> list[float]:
+            device: torch.device | str | None = None, progress: bool = True, task: str | None = None) -> list[float]:
     """Train `student` to match the frozen `teacher`; returns the mean loss per epoch (Lesson 06, §7).
 
     The teacher runs in eval mode (no dropout) under torch.no_grad, and only the student's
     parameters are in the optimizer, so the teacher never changes; its mode is restored after.
-    Each batch is one `mvtk.train.train_step` of the student with `distillation_loss`.
+    Each batch is one `mvtk.train.train_step` of the student with `distillation_loss`, for
+    classification or regression (`task`, or read from the targets); batches are (inputs, targets),
+    inputs a tensor or a tuple of tensors.
     """
+    check_module(student, "student")
+    check_module(teacher, "teacher")
     _check_distillation(temperature, alpha)
     check_positive_int(epochs, "epochs")
+    if task is not None and task not in TASKS:
+        raise InvalidArgumentError(f"task must be one of {TASKS} or None (read from the targets), got {task!r}")
     device = torch.device(device) if device is not None else model_device(student)
     optimizer = optimizer if optimizer is not None else torch.optim.Adam(student.parameters(), lr=DEFAULT_LR)
     losses = []
@@ -379,12 +501,12 @@ def distill(student: nn.Module, teacher: nn.Module, loader: DataLoader, *, epoch
         for _ in tqdm(range(epochs), desc="distill", disable=not progress):
             student.train()
             total, count = 0.0, 0
-            for inputs, labels in loader:
-                inputs, labels = inputs.to(device), labels.to(device)
+            for batch in loader:
+                inputs, labels = unpack_batch(batch, device)
                 with torch.no_grad():  # the teacher's logits are targets, not something to train
-                    teacher_logits = teacher(inputs)
+                    teacher_logits = call_model(teacher, inputs)
                 loss = train_step(student, inputs, labels, optimizer, lambda logits, targets: distillation_loss(
-                    logits, teacher_logits, targets, temperature=temperature, alpha=alpha))
+                    logits, teacher_logits, targets, temperature=temperature, alpha=alpha, task=task))
                 total, count = total + loss.item() * len(labels), count + len(labels)
             if count == 0:
                 raise InvalidArgumentError("loader yields no batches: distill needs at least one batch to train on")
@@ -393,6 +515,30 @@ def distill(student: nn.Module, teacher: nn.Module, loader: DataLoader, *, epoch
 
 
 # --- checks -----------------------------------------------------------------------------------------
+
+def _parameter(module: nn.Module, name: str) -> nn.Parameter | None:
+    """The parameter behind `module.<name>`: `<name>_orig` once pruned."""
+    return module._parameters.get(f"{name}_orig", module._parameters.get(name))
+
+
+def _mask_tied(model: nn.Module, pruned: Sequence[tuple[nn.Module, str]]) -> None:
+    """Give every other layer that holds a just-pruned parameter (tied weights) the same mask, so the tie holds."""
+    for module, name in pruned:
+        param, mask = _parameter(module, name), getattr(module, f"{name}_mask")
+        for other in model.modules():
+            for other_name, value in list(other._parameters.items()):
+                tensor_name = other_name.removesuffix("_orig")
+                if value is param and not (other is module and tensor_name == name):
+                    prune.custom_from_mask(other, tensor_name, mask)
+
+
+def _describe(inputs) -> str:
+    if isinstance(inputs, (tuple, list)):
+        return f"{len(inputs)} tensors (a model of several inputs)"
+    if isinstance(inputs, torch.Tensor):
+        return f"a {inputs.dtype} tensor"
+    return type(inputs).__name__
+
 
 def _check_amount(amount) -> None:
     check_number(amount, "amount", low=0, high=1, what="a fraction of weights")  # Lesson 06 prints this message
@@ -429,6 +575,8 @@ def _state_dict_bytes(model: nn.Module) -> bytes:
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     return buffer.getvalue()
+
+
 
 
 def _slug(name: str) -> str:

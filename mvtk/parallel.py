@@ -3,6 +3,12 @@ training script that torchrun launches.
 
     torchrun --standalone --nproc_per_node=2 -m mvtk.parallel --epochs 10 --out runs/ddp
 
+The course's models are one example: `launch` and `torchrun_command` run any training script
+(`train.py`), module (`pkg.train`) or function (`pkg.train:main`, called as main(rank, world_size,
+**kwargs) in a process group that `python -m mvtk.parallel run pkg.train:main` sets up):
+
+    torchrun --standalone --nproc_per_node=2 -m mvtk.parallel run pkg.train:main --kwargs-json '{"epochs": 3}'
+
 Every process trains a replica of the model on its own shard of each batch; gradients are averaged
 across processes after every backward pass, so the replicas stay identical. Rank 0 alone saves
 checkpoints, with `mvtk.checkpoint.save_checkpoint`.
@@ -10,16 +16,19 @@ checkpoints, with `mvtk.checkpoint.save_checkpoint`.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import pkgutil
 import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections import OrderedDict
 from datetime import timedelta
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -39,7 +48,7 @@ __all__ = [
     "BACKENDS", "MODULE_PREFIX", "CHECKPOINT_NAME", "TORCHRUN", "GROUP_TIMEOUT", "FAILURE_LINE",
     "unwrap", "strip_module_prefix", "load_state_dict_any", "wrap_data_parallel", "choose_backend",
     "check_launch", "init_distributed", "shard_loader", "all_reduce_mean", "train_ddp", "torchrun_command",
-    "launch", "build_parser", "main",
+    "launch", "run_function", "returned_values", "RESULT_PREFIX", "RESULTS_ENV", "build_parser", "main",
 ]
 
 BACKENDS = ("gloo", "nccl")      # gloo: CPU (and GPU); nccl: NVIDIA GPUs, one GPU per process
@@ -48,6 +57,10 @@ CHECKPOINT_NAME = "last.pt"      # rank 0 writes OUT/last.pt after every epoch
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run")  # torchrun of this very Python (same venv)
 GROUP_TIMEOUT = timedelta(minutes=5)  # how long a collective waits for a missing process
 FAILURE_LINE = re.compile(r"^\w[\w.]*(Error|Exception): |: error: ")  # a worker's exception or argparse error
+RESULT_PREFIX = "[mvtk.parallel] returned "  # `run` prints each rank's JSON return value after this
+RESULTS_ENV = "MVTK_PARALLEL_RESULTS"  # a folder launch() gives `run`: each rank writes rank<r>.json there
+_FUNCTION = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")  # pkg.module:function
+_MODULE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")  # pkg.module
 
 
 def strip_module_prefix(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
@@ -215,13 +228,16 @@ def train_ddp(*, model_name: str = "mlp", epochs: int = 10, batch_size: int = 32
         dist.destroy_process_group()
 
 
-def torchrun_command(script_args: Sequence[str] = (), *, nproc: int = 2, nnodes: int = 1,
-                     rdzv_endpoint: str | None = None, rdzv_id: str = "mvtk",
-                     program: Sequence[str] = TORCHRUN) -> list[str]:
-    """The torchrun command running mvtk.parallel in `nproc` processes on each of `nnodes` machines.
+def torchrun_command(target: str | os.PathLike | Sequence[str] = (), *script_args, nproc: int = 2, nnodes: int = 1,
+                     rdzv_endpoint: str | None = None, rdzv_id: str = "mvtk", program: Sequence[str] = TORCHRUN,
+                     kwargs: Mapping[str, Any] | None = None) -> list[str]:
+    """The torchrun command that runs `target` in `nproc` processes on each of `nnodes` machines (Lesson 05, §4-§5).
 
-    Lesson 05, §4-§5. One machine: --standalone. Several: every machine runs the same command,
-    meeting at `rdzv_endpoint`.
+    `target`: a script path ending in .py, a module ('pkg.train'), or a function 'pkg.train:main' (run by
+    `python -m mvtk.parallel run`, which sets up the process group and calls main(rank, world_size,
+    **kwargs)); `script_args` follow a script or module. A list instead of a target gives the arguments of
+    the course's own script, `-m mvtk.parallel`. One machine: --standalone. Several: every machine runs
+    the same command, meeting at `rdzv_endpoint`.
     """
     check_positive_int(nproc, "nproc", ParallelError)
     check_positive_int(nnodes, "nnodes", ParallelError)
@@ -234,25 +250,89 @@ def torchrun_command(script_args: Sequence[str] = (), *, nproc: int = 2, nnodes:
     else:
         command += [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}",
                     f"--rdzv-id={rdzv_id}"]
-    return command + [f"--nproc_per_node={nproc}", "-m", "mvtk.parallel", *map(str, script_args)]
+    return command + [f"--nproc_per_node={nproc}", *_program(target, script_args, kwargs)]
 
 
-def launch(script_args: Sequence[str] = (), *, nproc: int = 2, cwd: str | os.PathLike | None = None,
-           threads: int | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run `torchrun --standalone -m mvtk.parallel ARGS` in a subprocess and return its output (Lesson 05, §4).
+def launch(target: str | os.PathLike | Sequence[str] = (), *script_args, nproc: int = 2,
+           cwd: str | os.PathLike | None = None, threads: int | None = None, timeout: float = 600,
+           kwargs: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `target` under `torchrun --standalone` in a subprocess and return its output (Lesson 05, §4).
 
-    Each process gets `threads` CPU threads (default: the cores shared out). A failed run raises ParallelError.
+    `target` as in `torchrun_command`: 'train.py' (a script; relative to `cwd`), 'pkg.train' (a module),
+    'pkg.train:main' (a function main(rank, world_size, **kwargs), its JSON-able return values read back
+    with `returned_values`), or a list of arguments for the course's script. `cwd` is on the workers'
+    import path. Each process gets `threads` CPU threads (default: the cores shared out); `env` adds
+    environment variables. A failed run raises ParallelError with the workers' errors.
     """
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = str(threads or max(1, (os.cpu_count() or 1) // nproc))
-    command = torchrun_command(script_args, nproc=nproc)
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    base = Path(cwd) if cwd is not None else Path.cwd()
+    if isinstance(target, (str, os.PathLike)) and _is_script(target) and not (base / target).is_file():
+        raise InvalidArgumentError(f"no training script at {str(base / target)!r}: launch runs a .py file, a module "
+                                   "'pkg.mod' or a function 'pkg.mod:fn'")
+    variables = dict(os.environ)
+    variables["OMP_NUM_THREADS"] = str(threads or max(1, (os.cpu_count() or 1) // nproc))
+    variables["PYTHONPATH"] = os.pathsep.join([str(base.resolve())] + ([variables["PYTHONPATH"]]
+                                                                      if variables.get("PYTHONPATH") else []))
+    variables.update(env or {})
+    command = torchrun_command(target, *script_args, nproc=nproc, kwargs=kwargs)
+    with tempfile.TemporaryDirectory(prefix="mvtk-parallel-") as results:
+        variables[RESULTS_ENV] = results
+        result = subprocess.run(command, cwd=cwd, env=variables, capture_output=True, text=True, timeout=timeout)
+        result.returned = {}  # rank -> what a function target returned (returned_values)
+        for path in Path(results).glob("rank*.json"):
+            record = json.loads(path.read_text())
+            result.returned[record["rank"]] = record["value"]
     if result.returncode != 0:
         output = result.stdout + result.stderr
         causes = list(dict.fromkeys(line.strip() for line in output.splitlines() if FAILURE_LINE.search(line)))
         raise ParallelError(f"torchrun exited with code {result.returncode}: {' | '.join(causes) or 'see below'}\n"
                             f"its last output:\n{output[-3000:]}")
     return result
+
+
+def run_function(target: str, kwargs: Mapping[str, Any] | None = None, *, backend: str | None = None) -> Any:
+    """Join torchrun's process group, call `module:function`(rank, world_size, **kwargs), leave the group (Lesson 05, §4).
+
+    What `python -m mvtk.parallel run pkg.mod:fn --kwargs-json '{...}'` does in every process. The
+    backend defaults to nccl when this machine has a GPU for each local process, else gloo; on nccl
+    each process's GPU is cuda:LOCAL_RANK. The return value is printed after RESULT_PREFIX as JSON
+    (`returned_values` reads it back) and returned.
+    """
+    function = _import_function(target)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= local else "gloo"
+    device = torch.device("cuda") if backend == "nccl" else torch.device("cpu")
+    check_launch(backend, local, device)
+    rank, world, _ = init_distributed(backend, device)
+    try:
+        value = function(rank, world, **dict(kwargs or {}))
+        try:
+            text = json.dumps({"rank": rank, "value": value})
+        except TypeError:
+            text = json.dumps({"rank": rank, "value": repr(value)})
+        sys.stdout.write(RESULT_PREFIX + text + "\n")  # one write: lines of the ranks do not interleave
+        sys.stdout.flush()
+        if os.environ.get(RESULTS_ENV):
+            (Path(os.environ[RESULTS_ENV]) / f"rank{rank}.json").write_text(text)
+        return value
+    finally:
+        dist.destroy_process_group()
+
+
+def returned_values(result: subprocess.CompletedProcess | str) -> dict[int, Any]:
+    """{rank: return value} of a function run with `launch('pkg.mod:fn')`, or read from its output (Lesson 05, §4)."""
+    if isinstance(getattr(result, "returned", None), dict):
+        return dict(sorted(result.returned.items()))
+    text = result if isinstance(result, str) else result.stdout
+    values = {}
+    for line in text.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            try:
+                record = json.loads(line[len(RESULT_PREFIX):])
+            except json.JSONDecodeError:
+                continue  # a line another rank's output broke into; launch() reads the result files instead
+            values[record["rank"]] = record["value"]
+    return dict(sorted(values.items()))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,7 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "Each process trains on its shard of every batch; gradients are averaged; rank 0 saves "
                     f"OUT/{CHECKPOINT_NAME} after every epoch (mvtk.checkpoint). Lesson 05.",
         epilog="Several machines: run on every machine  torchrun --nnodes=2 --nproc_per_node=4 "
-               "--rdzv-backend=c10d --rdzv-endpoint=HOST:29400 --rdzv-id=job1 -m mvtk.parallel ...")
+               "--rdzv-backend=c10d --rdzv-endpoint=HOST:29400 --rdzv-id=job1 -m mvtk.parallel ...  "
+               "Your own function instead of the course's models: torchrun ... -m mvtk.parallel run "
+               "pkg.mod:fn --kwargs-json '{\"epochs\": 3}' calls fn(rank, world_size, epochs=3).")
     parser.add_argument("--model", default="mlp", choices=sorted(MODELS), help="course model (default: mlp)")
     parser.add_argument("--epochs", type=_positive_int, default=10, help="passes over the training set (default: 10)")
     parser.add_argument("--batch-size", type=_positive_int, default=32,
@@ -286,6 +368,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     `train_ddp` checks the set-up (`check_launch`) before it joins a process group; its errors, like a
     device this machine lacks, become a usage message and exit code 2.
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["run"]:
+        return _run_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -295,6 +380,85 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ParallelError, DeviceUnavailableError, InvalidArgumentError) as exc:
         parser.error(str(exc))  # prints usage and the message, exits with code 2
     return 0
+
+
+def _run_main(argv: Sequence[str]) -> int:
+    """`python -m mvtk.parallel run pkg.mod:fn [--kwargs-json JSON] [--backend B]`: run_function in this process."""
+    parser = argparse.ArgumentParser(
+        prog="torchrun --standalone --nproc_per_node=N -m mvtk.parallel run",
+        description="Call your function fn(rank, world_size, **kwargs) in every process, inside a process group. "
+                    "Lesson 05.")
+    parser.add_argument("target", help="the function as pkg.module:function (importable from the working folder)")
+    parser.add_argument("--kwargs-json", default="{}", help="keyword arguments as a JSON object (default: {})")
+    parser.add_argument("--backend", default=None, choices=BACKENDS,
+                        help="process-group backend (default: nccl with a GPU per process, else gloo)")
+    args = parser.parse_args(argv)
+    try:
+        kwargs = json.loads(args.kwargs_json)
+    except json.JSONDecodeError as exc:
+        parser.error(f"--kwargs-json is not valid JSON: {exc}")
+    if not isinstance(kwargs, dict):
+        parser.error(f"--kwargs-json must be a JSON object of keyword arguments, got {args.kwargs_json}")
+    try:
+        run_function(args.target, kwargs, backend=args.backend)
+    except (ParallelError, InvalidArgumentError) as exc:
+        parser.error(str(exc))
+    return 0
+
+
+def _is_script(target) -> bool:
+    return isinstance(target, os.PathLike) or str(target).endswith(".py")
+
+
+def _program(target, script_args: Sequence, kwargs: Mapping[str, Any] | None) -> list[str]:
+    """What follows torchrun's own flags: the script, module or function to run, with its arguments."""
+    if not isinstance(target, (str, os.PathLike)):  # a list of arguments for the course's script
+        if script_args or kwargs:
+            raise InvalidArgumentError("pass the course script's arguments as one list, e.g. ['--epochs', 3], or "
+                                       "name a target ('train.py', 'pkg.mod' or 'pkg.mod:fn') first")
+        return ["-m", "mvtk.parallel", *map(str, target)]
+    if _is_script(target):
+        program = [os.fspath(target)]
+    elif _FUNCTION.match(str(target)):
+        if script_args:
+            raise InvalidArgumentError(f"a function target {target!r} takes keyword arguments (kwargs={{...}}), "
+                                       f"not command-line arguments {list(script_args)!r}")
+        return ["-m", "mvtk.parallel", "run", str(target), "--kwargs-json", _kwargs_json(kwargs)]
+    elif _MODULE.match(str(target)):
+        program = ["-m", str(target)]
+    else:
+        raise InvalidArgumentError(f"target must be a script 'train.py', a module 'pkg.train' or a function "
+                                   f"'pkg.train:main', got {target!r}")
+    if kwargs:
+        raise InvalidArgumentError(f"kwargs go to a function target 'pkg.mod:fn'; pass {target!r} its command-line "
+                                   "arguments after the target instead")
+    return program + [str(a) for a in script_args]
+
+
+def _kwargs_json(kwargs: Mapping[str, Any] | None) -> str:
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise InvalidArgumentError(f"kwargs must be a dict of keyword arguments, got {type(kwargs).__name__}")
+    try:
+        return json.dumps(dict(kwargs or {}))
+    except TypeError as exc:
+        raise InvalidArgumentError(f"kwargs must be JSON-serialisable (numbers, strings, lists, dicts): {exc}") from None
+
+
+def _import_function(target: str):
+    """The function `pkg.mod:fn` names, resolved by the standard library's pkgutil.resolve_name."""
+    if not isinstance(target, str) or not _FUNCTION.match(target):
+        raise InvalidArgumentError(f"target must name a function as 'pkg.module:function', got {target!r}")
+    try:
+        function = pkgutil.resolve_name(target)
+    except ImportError as exc:
+        raise InvalidArgumentError(f"cannot import {target!r}: {exc}; run from the folder that holds it, or put it "
+                                   "on PYTHONPATH") from exc
+    except AttributeError:
+        function = None
+    if not callable(function):
+        raise InvalidArgumentError(f"{target.partition(':')[0]!r} has no function {target.partition(':')[2]!r}; "
+                                   "expected fn(rank, world_size, **kwargs)")
+    return function
 
 
 def _evaluate_shards(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[float, float]:

@@ -1,5 +1,7 @@
 """Lesson 06's claims about mvtk.compress: measuring, pruning, int8, distillation, and clear errors."""
 import copy
+import gzip
+import io
 import warnings
 
 import pytest
@@ -11,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from mvtk import compress
 from mvtk.data import ImageDataset
-from mvtk.errors import InvalidArgumentError
+from mvtk.errors import CheckpointError, IntegrityError, InvalidArgumentError
 from mvtk.models import MLP, MLPv2, build_model, count_parameters
 
 
@@ -308,5 +310,125 @@ def test_other_bad_input_is_refused(mlp, tmp_path):
     with pytest.raises(InvalidArgumentError, match="nn.Linear layers"):
         compress.drop_pruned_neurons(build_model("cnn"), "features.conv1", "features.conv2")
     (tmp_path / "plain.pt").write_bytes(b"not gzip")
-    with pytest.raises(InvalidArgumentError, match="not a gzip file"):
+    with pytest.raises(IntegrityError, match=r"plain\.pt.*not an intact file written by save_compressed"):
         compress.load_compressed(tmp_path / "plain.pt")
+
+
+# --- issue 14: a verified file format, clear errors ------------------------------------------------
+
+def test_every_flipped_byte_of_a_compressed_file_raises_integrity_error_naming_it(mlp, tmp_path):
+    path = tmp_path / "model.pt.gz"
+    compress.save_compressed(mlp, path)
+    good = path.read_bytes()
+    for at in list(range(64)) + list(range(64, len(good), 97)) + [len(good) - 1]:
+        damaged = bytearray(good)
+        damaged[at] ^= 0x01
+        path.write_bytes(bytes(damaged))
+        with pytest.raises(IntegrityError, match=r"model\.pt\.gz"):
+            compress.load_compressed(path)
+    path.write_bytes(good)
+    assert compress.load_compressed(path).keys() == mlp.state_dict().keys()
+
+
+def test_a_compressed_file_is_still_a_gzip_file(mlp, tmp_path):
+    compress.save_compressed(mlp, tmp_path / "model.pt.gz")
+    state = torch.load(io.BytesIO(gzip.decompress((tmp_path / "model.pt.gz").read_bytes())), weights_only=True)
+    assert all(torch.equal(state[k], v) for k, v in mlp.state_dict().items())
+
+
+@pytest.mark.parametrize("content", [b"", gzip.compress(b""), gzip.compress(b"not a torch file")])
+def test_empty_or_foreign_gzip_files_get_integrity_errors(tmp_path, content):
+    (tmp_path / "x.gz").write_bytes(content)
+    with pytest.raises(IntegrityError, match=r"x\.gz"):
+        compress.load_compressed(tmp_path / "x.gz")
+
+
+def test_a_resealed_planted_pickle_is_refused_without_running(tmp_path, planted):
+    import hashlib
+    payload, marker = planted
+    plain = gzip.compress(payload.read_bytes(), mtime=0)
+    sealed = plain[:3] + bytes([4]) + plain[4:10] + (36).to_bytes(2, "little") + b"MV" + (32).to_bytes(2, "little")
+    unsealed = sealed + bytes(32) + plain[10:]
+    path = tmp_path / "planted.pt.gz"
+    path.write_bytes(sealed + hashlib.sha256(unsealed).digest() + plain[10:])
+    with pytest.raises(CheckpointError, match="weights_only"):
+        compress.load_compressed(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("call", [
+    lambda m, p: compress.save_compressed("model", p), lambda m, p: compress.save_compressed(m, 3),
+    lambda m, p: compress.save_compressed(m, None), lambda m, p: compress.load_compressed(b"x"),
+    lambda m, p: compress.saved_size(m, 1.0), lambda m, p: compress.saved_size([m], p),
+])
+def test_wrong_types_to_file_functions_are_refused(mlp, tmp_path, call):
+    with pytest.raises(InvalidArgumentError):
+        call(mlp, tmp_path / "m.pt.gz")
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_old_one(wide, mlp, full_disk):
+    path = full_disk / "m.pt.gz"
+    compress.save_compressed(mlp, path)
+    before = path.read_bytes()
+    with pytest.raises(CheckpointError, match=r"m\.pt\.gz.*disk is full"):
+        compress.save_compressed(wide, path)
+    with pytest.raises(CheckpointError, match=r"w\.pt.*disk is full"):
+        compress.saved_size(wide, full_disk / "w.pt")
+    assert path.read_bytes() == before and sorted(p.name for p in full_disk.iterdir()) == ["m.pt.gz"]
+
+
+# --- distillation of a regression model (issue 15) ----------------------------------------------------
+
+def regression_loader(n=64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=generator)
+    return DataLoader(TensorDataset(x, x.sum(dim=1) + 0.1 * torch.randn(n, generator=generator)), batch_size=16)
+
+
+def regression_mlp(hidden=16, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+
+def test_regression_distillation_loss_mixes_mse_to_the_teacher_and_to_the_targets():
+    student, teacher, targets = torch.randn(6, 1), torch.randn(6, 1), torch.randn(6)
+    to_teacher = ((student - teacher) ** 2).mean()
+    to_targets = ((student.squeeze(1) - targets) ** 2).mean()
+    loss = compress.distillation_loss(student, teacher, targets, alpha=0.3)
+    assert torch.allclose(loss, 0.3 * to_teacher + 0.7 * to_targets)
+
+
+def test_regression_distillation_with_alpha_one_learns_from_the_teacher():
+    """Before: a softmax over one output is always 1, so the loss was 0.0 and the student never changed."""
+    student, teacher = regression_mlp(8, seed=1), regression_mlp(32, seed=2)
+    before = copy.deepcopy(student.state_dict())
+    losses = compress.distill(student, teacher, regression_loader(), epochs=5, alpha=1.0, progress=False)
+    assert losses[0] > 0 and losses[-1] < losses[0]
+    assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
+
+
+def test_regression_distillation_loss_is_never_negative():
+    """Before: with alpha=0.5 cross_entropy ran on float targets and the loss went negative."""
+    losses = compress.distill(regression_mlp(8, seed=1), regression_mlp(32, seed=2), regression_loader(), epochs=3,
+                              alpha=0.5, progress=False)
+    assert all(loss >= 0 for loss in losses) and losses[-1] < losses[0]
+
+
+def test_regression_targets_that_are_nan_count_only_towards_the_teacher():
+    student, teacher = torch.randn(4, 1), torch.randn(4, 1)
+    targets = torch.tensor([float("nan"), 1.0, float("nan"), 2.0])
+    expected = 0.5 * ((student - teacher) ** 2).mean() + 0.5 * ((student.squeeze(1)[[1, 3]] - targets[[1, 3]]) ** 2).mean()
+    assert torch.allclose(compress.distillation_loss(student, teacher, targets), expected)
+
+
+def test_a_student_whose_outputs_differ_from_the_teachers_is_refused():
+    with pytest.raises(InvalidArgumentError, match=r"the student's outputs \(4, 1\) and the teacher's \(4, 10\) differ"):
+        compress.distillation_loss(torch.zeros(4, 1), torch.zeros(4, 10), torch.zeros(4, dtype=torch.long))
+    loader = DataLoader(TensorDataset(torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))), batch_size=4)
+    with pytest.raises(InvalidArgumentError, match="differ in shape"):
+        compress.distill(MLP(hidden=8, num_classes=5), MLP(hidden=8), loader, epochs=1, progress=False)
+
+
+def test_classification_distillation_refuses_a_one_output_model():
+    with pytest.raises(InvalidArgumentError, match="a softmax over one output is always 1"):
+        compress.distillation_loss(torch.zeros(4, 1), torch.zeros(4, 1), torch.zeros(4, dtype=torch.long))

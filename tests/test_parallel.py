@@ -240,3 +240,108 @@ def test_train_ddp_checks_its_recipe_before_joining_a_group(alone, tmp_path):
     with pytest.raises(ParallelError, match="unknown backend"):
         parallel.train_ddp(epochs=1, out=tmp_path, device="cpu", backend="mpi")
     assert not dist.is_initialized()
+
+
+# --- any training function or script under torchrun, not only the course's models (issue 15) ---------
+
+USER_MODULE = '''
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, TensorDataset
+
+from mvtk.parallel import shard_loader
+from mvtk.train import evaluate, train_one_epoch
+
+
+def train(rank, world_size, epochs=3, seed=0):
+    """A regression MLP (1 output, float targets) on random data, trained with DDP."""
+    torch.manual_seed(seed)  # the same data and initial weights on every rank
+    x = torch.randn(256, 8)
+    y = x @ torch.randn(8, 1) + 0.1 * torch.randn(256, 1)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    ddp = DistributedDataParallel(model)
+    data = TensorDataset(x, y)
+    loader = shard_loader(data, 32, shuffle=True, seed=seed)
+    optimizer = torch.optim.Adam(ddp.parameters(), lr=1e-2)
+    before = evaluate(model, DataLoader(data, batch_size=64)).mse
+    for epoch in range(epochs):
+        loader.sampler.set_epoch(epoch)
+        train_one_epoch(ddp, loader, optimizer)
+    after = evaluate(model, DataLoader(data, batch_size=64)).mse
+    return {"world_size": world_size, "mse_before": before, "mse": after,
+            "weights": [round(v, 6) for p in model.parameters() for v in p.detach().flatten()[:4].tolist()]}
+'''
+
+USER_SCRIPT = '''
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+total = torch.tensor([float(rank + 1)])
+dist.all_reduce(total)
+print(f"script rank {rank}/{world} args {sys.argv[1:]} sum {total.item():.0f}", flush=True)
+dist.destroy_process_group()
+'''
+
+
+def test_torchrun_command_runs_a_script_a_module_or_a_function():
+    flags = ["torchrun", "--standalone", "--nproc_per_node=2"]
+    assert parallel.torchrun_command("train.py", "--epochs", 3, program=["torchrun"]) == flags + ["train.py", "--epochs", "3"]
+    assert parallel.torchrun_command("pkg.train", "--lr", 0.1, program=["torchrun"]) == flags + ["-m", "pkg.train", "--lr", "0.1"]
+    assert parallel.torchrun_command("pkg.train:main", kwargs={"epochs": 3}, program=["torchrun"]) == flags + [
+        "-m", "mvtk.parallel", "run", "pkg.train:main", "--kwargs-json", '{"epochs": 3}']
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: parallel.torchrun_command("pkg.train:main", "--epochs", 3), "takes keyword arguments"),
+    (lambda: parallel.torchrun_command("train.py", kwargs={"epochs": 3}), "kwargs go to a function target"),
+    (lambda: parallel.torchrun_command("not a target!"), "target must be a script"),
+    (lambda: parallel.torchrun_command("pkg.m:f", kwargs={"model": object()}), "JSON-serialisable"),
+    (lambda: parallel.launch("missing.py"), "no training script at"),
+])
+def test_targets_and_arguments_that_cannot_run_are_refused(call, match):
+    with pytest.raises(InvalidArgumentError, match=match):
+        call()
+
+
+def test_run_function_calls_the_users_function_in_a_group_of_one(alone, tmp_path, monkeypatch, capsys):
+    (tmp_path / "user_fn_alone.py").write_text("def fn(rank, world_size, x=0):\n    return [rank, world_size, x]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert parallel.run_function("user_fn_alone:fn", {"x": 5}) == [0, 1, 5]
+    assert parallel.returned_values(capsys.readouterr().out) == {0: [0, 1, 5]}
+    assert not dist.is_initialized()
+
+
+def test_the_runner_names_a_function_it_cannot_find(alone, tmp_path, monkeypatch, capsys):
+    (tmp_path / "user_fn_missing.py").write_text("x = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(SystemExit) as stopped:
+        parallel.main(["run", "user_fn_missing:train"])
+    assert stopped.value.code == 2 and "has no function 'train'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parallel.main(["run", "user_fn_missing:train", "--kwargs-json", "[1]"])
+    assert "must be a JSON object" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_process_ddp_of_a_users_function_through_the_launcher(tmp_path):
+    """A regression MLP in the user's own module, 2 processes, gloo on the CPU: every rank ends with the same model."""
+    (tmp_path / "user_ddp_train.py").write_text(USER_MODULE)
+    result = parallel.launch("user_ddp_train:train", nproc=2, cwd=tmp_path, threads=1, timeout=180,
+                             kwargs={"epochs": 10})
+    values = parallel.returned_values(result)
+    assert sorted(values) == [0, 1] and values[0] == values[1]  # replicas identical after DDP
+    assert values[0]["world_size"] == 2 and values[0]["mse"] < values[0]["mse_before"] / 2  # it learned
+
+
+@pytest.mark.slow
+def test_two_process_run_of_a_users_script_through_the_launcher(tmp_path):
+    (tmp_path / "user_script.py").write_text(USER_SCRIPT)
+    result = parallel.launch("user_script.py", "--epochs", 1, nproc=2, cwd=tmp_path, threads=1, timeout=180)
+    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("script rank"))
+    assert lines == ["script rank 0/2 args ['--epochs', '1'] sum 3", "script rank 1/2 args ['--epochs', '1'] sum 3"]

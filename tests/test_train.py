@@ -6,7 +6,10 @@ from mvtk.data import make_loaders
 from mvtk.env import seed_everything
 from mvtk.errors import InvalidArgumentError
 from mvtk.models import MLP, MLPv2
-from mvtk.train import History, evaluate, fit, train_one_epoch, train_step
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from mvtk.train import History, evaluate, fit, infer_task, train_one_epoch, train_step
 
 
 @pytest.fixture(scope="module")
@@ -173,9 +176,156 @@ def test_train_one_epoch_names_an_empty_loader():
 
 @pytest.mark.parametrize("data, match", [
     ({"train_loss": [0.5], "val_los": [0.4]}, r"unknown keys \['val_los'\]; expected keys among "
-                                              r"\['train_loss', 'val_loss', 'val_acc', 'lr'\]"),
+                                              r"\['train_loss', 'val_loss', 'val_acc', 'lr', 'val_top_k', 'val_mse', 'val_mae'\]"),
     ([0.5, 0.4], "history must be a dict with keys"),
 ])
 def test_history_from_dict_lists_the_expected_keys(data, match):
     with pytest.raises(InvalidArgumentError, match=match):
         History.from_dict(data)
+
+
+# --- tasks: classification and regression, said or read from the targets (issue 15) -----------------
+
+def regression_data(n=64, outputs=1, shape=None, seed=0):
+    """Random inputs (n, 8) and float targets: one fixed linear function of them plus noise; `seed` draws the inputs."""
+    weights = torch.randn(8, outputs, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(n, 8, generator=generator)
+    y = x @ weights + 0.1 * torch.randn(n, outputs, generator=generator)
+    return DataLoader(TensorDataset(x, y.reshape(shape or (n, outputs))), batch_size=16)
+
+
+def regression_net(outputs=1):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, outputs))
+
+
+@pytest.mark.parametrize("targets, task", [
+    (torch.tensor([0, 2, 1]), "classification"),
+    (torch.rand(3), "regression"),
+    (torch.rand(3, 1), "regression"),
+    (torch.rand(3, 20), "regression"),
+])
+def test_the_task_is_read_from_the_targets(targets, task):
+    assert infer_task(targets) == task
+
+
+@pytest.mark.parametrize("targets, match", [
+    (torch.zeros(3, 10, dtype=torch.long), r"integer targets of shape \(3, 10\) are not class labels"),
+    (torch.rand(3, 1, 4, 4), r"float targets of shape \(3, 1, 4, 4\)"),
+    (torch.zeros(3, dtype=torch.bool), "torch.bool"),
+    ([0, 1], "targets must be a tensor"),
+])
+def test_targets_of_no_known_task_are_refused(targets, match):
+    with pytest.raises(InvalidArgumentError, match=match):
+        infer_task(targets)
+
+
+def test_float_targets_of_shape_n_1_give_regression_metrics_not_a_broadcast_accuracy():
+    """Before: (N, 1) float targets against a 1-output model broadcast to N x N and reported accuracy 10.0."""
+    result = evaluate(regression_net(), regression_data(shape=(64, 1)))
+    assert result.task == "regression" and result.accuracy is None
+    assert result.mse == pytest.approx(result.loss) and 0 < result.mae
+
+
+def test_regression_metrics_are_the_mean_squared_and_absolute_errors():
+    model, loader = regression_net(), regression_data(shape=(64,))
+    x, y = loader.dataset.tensors
+    with torch.no_grad():
+        errors = model(x).squeeze(1) - y
+    result = evaluate(model, loader)
+    assert result.mse == pytest.approx(errors.pow(2).mean().item(), rel=1e-5)
+    assert result.mae == pytest.approx(errors.abs().mean().item(), rel=1e-5)
+
+
+def test_outputs_that_do_not_match_regression_targets_are_refused_by_name():
+    """Before: (N, 20) targets against a 10-output model raised a bare RuntimeError."""
+    with pytest.raises(InvalidArgumentError, match=r"regression outputs of shape \(16, 10\) do not match targets "
+                                                   r"of shape \(16, 20\)"):
+        evaluate(regression_net(10), regression_data(outputs=20))
+
+
+def test_a_one_output_model_cannot_be_a_classifier():
+    loader = DataLoader(TensorDataset(torch.randn(8, 8), torch.randint(0, 2, (8,))), batch_size=4)
+    with pytest.raises(InvalidArgumentError, match=r"classification needs outputs of shape \(N, classes\)"):
+        evaluate(regression_net(1), loader)
+
+
+def test_labels_beyond_the_models_classes_are_refused():
+    loader = DataLoader(TensorDataset(torch.randn(8, 8), torch.full((8,), 12)), batch_size=4)
+    with pytest.raises(InvalidArgumentError, match=r"class labels must lie in \[0, 10\).*from 12 to 12"):
+        evaluate(regression_net(10), loader)
+
+
+def test_task_classification_refuses_float_targets():
+    with pytest.raises(InvalidArgumentError, match="task 'classification' needs integer class labels"):
+        evaluate(regression_net(), regression_data(), task="classification")
+    with pytest.raises(InvalidArgumentError, match="task must be one of"):
+        evaluate(regression_net(), regression_data(), task="ranking")
+
+
+def test_task_regression_takes_integer_targets_as_values():
+    loader = DataLoader(TensorDataset(torch.randn(8, 8), torch.randint(0, 5, (8,))), batch_size=4)
+    result = evaluate(regression_net(), loader, task="regression")
+    assert result.task == "regression" and result.mse > 0
+
+
+def test_fit_trains_a_regression_model_and_records_mse_and_mae():
+    model, loader = regression_net(), regression_data()
+    history = fit(model, loader, regression_data(seed=1), epochs=20, progress=False,
+                  optimizer=torch.optim.Adam(model.parameters(), lr=0.02))
+    assert history.val_acc == [] and len(history.val_mse) == len(history.val_mae) == 20
+    assert history.val_mse[-1] < history.val_mse[0] / 4 and history.val_loss == pytest.approx(history.val_mse)
+    assert History.from_dict(history.to_dict()) == history
+
+
+def test_top_k_counts_a_hit_when_the_true_class_is_among_the_k_highest_scores():
+    logits = torch.tensor([[3.0, 2.0, 1.0], [3.0, 2.0, 1.0], [3.0, 2.0, 1.0]])
+    labels = torch.tensor([0, 1, 2])
+    model = nn.Identity()
+    loader = DataLoader(TensorDataset(logits, labels), batch_size=3)
+    result = evaluate(model, loader, top_k=2)
+    assert result.accuracy == pytest.approx(1 / 3) and result.top_k == pytest.approx(2 / 3)
+    with pytest.raises(InvalidArgumentError, match="top_k=4 is more than the model's 3 classes"):
+        evaluate(model, loader, top_k=4)
+
+
+def test_fit_records_top_k_only_when_asked(loaders):
+    _, plain = train_mlp(loaders, epochs=1)
+    _, with_top = train_mlp(loaders, epochs=1, top_k=3)
+    assert "val_top_k" not in plain.to_dict() and list(plain.to_dict()) == ["train_loss", "val_loss", "val_acc", "lr"]
+    assert with_top.val_acc == plain.val_acc and with_top.val_top_k[0] >= with_top.val_acc[0]
+
+
+def test_fit_without_a_validation_loader_records_the_training_loss_only():
+    model, loader = regression_net(), regression_data()
+    history = fit(model, loader, epochs=3, progress=False)
+    assert len(history.train_loss) == len(history.lr) == 3 and history.val_loss == [] and history.best_epoch is None
+
+
+@pytest.mark.parametrize("kwargs", [{"patience": 2}, {"restore_best": True}])
+def test_early_stopping_without_a_validation_loader_is_refused(kwargs):
+    with pytest.raises(InvalidArgumentError, match="need a val_loader: early stopping watches the validation loss"):
+        fit(regression_net(), regression_data(), epochs=1, progress=False, **kwargs)
+
+
+def test_a_model_with_two_inputs_trains_on_batches_of_input_pairs():
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
+
+        def forward(self, x, y):
+            return self.a(x) + self.b(y)
+
+    torch.manual_seed(0)
+    x, y, labels = torch.randn(32, 4), torch.randn(32, 4), torch.randint(0, 3, (32,))
+    pairs = DataLoader([((x[i], y[i]), labels[i]) for i in range(32)], batch_size=8)
+    history = fit(Pair(), pairs, pairs, epochs=2, progress=False)
+    assert len(history.val_acc) == 2
+
+
+def test_a_batch_that_is_not_an_inputs_targets_pair_is_refused():
+    triples = DataLoader(TensorDataset(torch.randn(8, 4), torch.randn(8, 4), torch.randint(0, 3, (8,))), batch_size=4)
+    with pytest.raises(InvalidArgumentError, match=r"each batch must be a pair \(inputs, targets\), got 3 items"):
+        evaluate(nn.Linear(4, 3), triples)
