@@ -25,7 +25,8 @@ __all__ = [
     "utc_now", "git_commit",
 ]
 
-# One CPU thread: the course's models are too small to gain from more, results do not depend on the
+# The course's thread count, not a project's (a project passes threads=None and keeps torch's own): one CPU
+# thread, because the course's models are too small to gain from more, results do not depend on the
 # machine's core count, and parallel test workers do not fight over cores (2 threads each ran ~20x
 # slower than 1 when the 2-core reference machine was busy).
 DEFAULT_THREADS = 1
@@ -38,16 +39,19 @@ COURSE_PACKAGES = ("torch", "torchvision", "numpy", "scikit-learn", "safetensors
 
 def seed_everything(seed: int = 0, *, deterministic: bool = True,
                     threads: int | None = DEFAULT_THREADS) -> None:
-    """Seed python, numpy and torch (all devices), pick deterministic kernels, fix the thread count.
+    """Seed python, numpy and torch (every device), pick deterministic kernels, fix the thread count.
 
-    Lesson 00, §4. `threads=None` leaves torch's thread count as it is.
+    Lesson 00, §4. `threads` defaults to the course's DEFAULT_THREADS (1), which its notebooks rely on;
+    `threads=None` leaves torch's own thread count alone (what a project usually wants).
+    Deterministic algorithms are asked for with `warn_only=True`: an operation with no deterministic
+    kernel only warns and runs anyway, so bit-exact repeats are likely but not guaranteed.
     """
     check_int(seed, "seed", low=0, high=2**32 - 1)
     if threads is not None:
         check_positive_int(threads, "threads (or None)")
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)  # seeds the CPU and every CUDA device
+    torch.manual_seed(seed)  # seeds the CPU and every accelerator (CUDA, MPS, XPU, ...)
     if threads is not None:
         torch.set_num_threads(threads)
     if deterministic:
@@ -55,12 +59,13 @@ def seed_everything(seed: int = 0, *, deterministic: bool = True,
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
-        # warn_only: a kernel with no deterministic version warns instead of stopping the lesson.
+        # warn_only: a kernel with no deterministic version warns instead of stopping the lesson; the
+        # price is that such a kernel may still change the last digits from run to run.
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def pick_device(prefer: str | None = None) -> torch.device:
-    """Choose the device once: `prefer`, else $MVTK_DEVICE, else CUDA, then MPS, then CPU.
+    """Choose the device once: `prefer`, else $MVTK_DEVICE, else torch's accelerator (CUDA, MPS, XPU, ...), else CPU.
 
     Lesson 00, §3. Asking for a device this machine lacks raises DeviceUnavailableError.
     """
@@ -70,41 +75,51 @@ def pick_device(prefer: str | None = None) -> torch.device:
     choice = choice.strip().lower()
     available = available_devices()
     if choice == "auto":
-        for kind in ("cuda", "mps", "cpu"):
-            if kind in available:
-                return torch.device(kind)
-    kind = choice.split(":")[0]
-    if kind not in ("cpu", "cuda", "mps"):
-        raise InvalidArgumentError(f"unknown device {choice!r}; expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
-    if kind not in available:
+        return torch.device(available[0])
+    try:
+        device = torch.device(choice)
+    except RuntimeError:
+        raise InvalidArgumentError(
+            f"unknown device {choice!r}; expected 'auto', 'cpu' or an accelerator such as 'cuda', 'cuda:N', "
+            "'mps' or 'xpu'") from None
+    if device.type not in available:
         raise DeviceUnavailableError(f"device {choice!r} was asked for but this machine has only {available}")
-    device = torch.device(choice)
-    if kind == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+    if device.type != "cpu" and device.index is not None and device.index >= torch.accelerator.device_count():
         raise DeviceUnavailableError(
-            f"device {choice!r} was asked for but this machine has {torch.cuda.device_count()} CUDA device(s)")
+            f"device {choice!r} was asked for but this machine has {torch.accelerator.device_count()} "
+            f"{device.type} device(s)")
     return device
 
 
 def available_devices() -> list[str]:
-    """The kinds of device torch can use here, CPU always last (Lesson 00, §3)."""
-    kinds = []
-    if torch.cuda.is_available():
-        kinds.append("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        kinds.append("mps")
-    return kinds + ["cpu"]
+    """The kinds of device torch can use here: its accelerator if it has one (CUDA, MPS, XPU, ...), then the CPU.
+
+    Lesson 00, §3. `torch.accelerator` knows every backend torch was built with, so no list of kinds is kept here.
+    """
+    if torch.accelerator.is_available():
+        return [torch.accelerator.current_accelerator().type, "cpu"]
+    return ["cpu"]
 
 
 def versions() -> dict[str, str]:
-    """Python, platform and the course's packages with their installed versions (Lesson 00, §2)."""
+    """Python, platform, the course's packages, and the CUDA torch was built for beside the devices present.
+
+    Lesson 00, §2. `torch built for CUDA` is a property of the installed wheel; `CUDA GPUs here` and
+    `accelerator` say what this machine lets torch use now.
+    """
     report = {"python": platform.python_version(), "platform": platform.platform(terse=True)}
     for name in COURSE_PACKAGES:
         try:
             report[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             report[name] = "not installed"
-    report["cuda"] = torch.version.cuda or "none (CPU build)"
-    report["cuda devices"] = str(torch.cuda.device_count())
+    # What torch was BUILT for is not what this machine HAS: a CUDA wheel on a laptop without an NVIDIA GPU
+    # reports a CUDA version and 0 GPUs, and runs on the CPU.
+    report["torch built for CUDA"] = torch.version.cuda or ("no (a ROCm build)" if torch.version.hip else "no")
+    report["CUDA GPUs here"] = str(torch.cuda.device_count())
+    accelerator = torch.accelerator.current_accelerator(check_available=True)
+    report["accelerator"] = (f"{accelerator.type} x {torch.accelerator.device_count()}" if accelerator is not None
+                             else "none (CPU only)")
     return report
 
 

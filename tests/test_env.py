@@ -36,6 +36,20 @@ def test_seeding_fixes_threads_and_deterministic_algorithms():
     assert torch.get_num_threads() == DEFAULT_THREADS == 1
 
 
+def test_threads_none_leaves_torchs_thread_count_alone():
+    try:
+        torch.set_num_threads(3)
+        seed_everything(0, threads=None)
+        assert torch.get_num_threads() == 3
+    finally:
+        seed_everything(0)  # the course default, for the tests that follow
+
+
+def test_deterministic_algorithms_only_warn():
+    seed_everything(0)
+    assert torch.is_deterministic_algorithms_warn_only_enabled()
+
+
 @pytest.mark.parametrize("seed", [-1, 2**32, 1.5, "0", True, None])
 def test_bad_seed_is_refused(seed):
     with pytest.raises(InvalidArgumentError, match="seed"):
@@ -61,6 +75,33 @@ def test_pick_device_auto_prefers_an_accelerator(monkeypatch):
     assert pick_device().type == available_devices()[0]
 
 
+def test_pick_device_agrees_with_torch_accelerator(monkeypatch):
+    monkeypatch.delenv("MVTK_DEVICE", raising=False)
+    expected = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else torch.device("cpu")
+    assert pick_device().type == expected.type
+
+
+def test_any_accelerator_torch_reports_is_available(monkeypatch):
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: torch.device("xpu"))
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: 2)
+    monkeypatch.delenv("MVTK_DEVICE", raising=False)
+    assert available_devices() == ["xpu", "cpu"]
+    assert pick_device() == torch.device("xpu")
+    assert pick_device("xpu:1") == torch.device("xpu:1")
+    with pytest.raises(DeviceUnavailableError, match="2 xpu device"):
+        pick_device("xpu:2")
+    with pytest.raises(DeviceUnavailableError, match="cuda"):
+        pick_device("cuda")
+
+
+def test_the_environment_variable_wins_over_the_accelerator(monkeypatch):
+    monkeypatch.setenv("MVTK_DEVICE", "cpu")
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: torch.device("mps"))
+    assert pick_device() == torch.device("cpu")
+
+
 def test_unknown_device_name_is_refused():
     with pytest.raises(InvalidArgumentError, match="unknown device 'tpu'"):
         pick_device("tpu")
@@ -76,6 +117,15 @@ def test_versions_report_names_torch_and_python():
     report = versions()
     assert report["torch"] == torch.__version__.split("+")[0] or report["torch"].startswith(torch.__version__[:4])
     assert report["python"].count(".") == 2
+
+
+def test_versions_tell_the_cuda_build_from_the_gpus_present():
+    report = versions()
+    built = report["torch built for CUDA"]
+    assert built == torch.version.cuda if torch.version.cuda else built.startswith("no")
+    assert report["CUDA GPUs here"] == str(torch.cuda.device_count())
+    kind = available_devices()[0]
+    assert report["accelerator"].startswith("none" if kind == "cpu" else f"{kind} x ")
 
 
 @pytest.mark.parametrize("version", ["2.9.1", "1.13.0+cpu"])
