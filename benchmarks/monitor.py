@@ -2,8 +2,9 @@
 
 Two pairs, each measured side by side in this run (fixed threads, one warm-up each, median of
 repeats, the two variants alternating in A B B A order):
-  - fit() on the MLP, with `TrainingMonitor` (its defaults) writing scalars and per-layer norms to
-    TensorBoard after each epoch and histograms every 10th, against fit() with no callback;
+  - fit() on the MLP, with `TrainingMonitor` (its defaults: a hook per parameter that takes the gradient
+    norm of every batch, scalars and per-layer norms written to TensorBoard after each epoch, histograms
+    every 10th), against fit() with no callback;
   - the plain per-batch loop of Lesson 02, with `MetricLogger.update` on every batch and
     `end_epoch` after each epoch, against the same loop keeping its own running sums.
 A third row times the plain loop against itself: the measurement's noise floor on this machine.

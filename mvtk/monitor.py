@@ -98,19 +98,30 @@ def _to_cpu_float64(values: list) -> torch.Tensor:
 # §2 A live training view ---------------------------------------------------------------------------
 
 def plot_history(history, title: str | None = None):
-    """A figure of train/val loss and validation accuracy per epoch from a History (Lesson 08, §2)."""
+    """A figure of what a History holds: loss always, then accuracy or MSE/MAE when recorded (Lesson 08, §2).
+
+    A panel per kind of metric: train (and val) loss; validation accuracy (classification, with top-k
+    when recorded); validation MSE and MAE (regression). A History without validation gets the loss panel only.
+    """
     import matplotlib.pyplot as plt
 
     if not getattr(history, "train_loss", None):
         raise MonitorError("history has no epochs to plot yet")
-    epochs = range(1, len(history.train_loss) + 1)
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(9, 3.2))
-    loss_ax.plot(epochs, history.train_loss, label="train")
-    loss_ax.plot(epochs, history.val_loss, label="val")
-    loss_ax.set(xlabel="epoch", ylabel="loss", title="loss")
-    loss_ax.legend()
-    acc_ax.plot(epochs, history.val_acc, color="tab:green")
-    acc_ax.set(xlabel="epoch", ylabel="accuracy", title="validation accuracy")
+    epochs = list(range(1, len(history.train_loss) + 1))
+    panels = [("loss", "loss", [("train", history.train_loss), ("val", history.val_loss)])]
+    for ylabel, panel_title, curves in (
+            ("accuracy", "validation accuracy", [("top-1", history.val_acc), ("top-k", history.val_top_k)]),
+            ("error", "validation error", [("MSE", history.val_mse), ("MAE", history.val_mae)])):
+        curves = [(label, values) for label, values in curves if values]
+        if curves:
+            panels.append((ylabel, panel_title, curves))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.2), squeeze=False)
+    for ax, (ylabel, panel_title, curves) in zip(axes[0], panels):
+        for label, values in curves:
+            if values:  # a curve with fewer points (a resumed run) starts at its own first epoch
+                ax.plot(epochs[len(epochs) - len(values):], values, label=label)
+        ax.set(xlabel="epoch", ylabel=ylabel, title=panel_title)
+        ax.legend()
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -118,7 +129,7 @@ def plot_history(history, title: str | None = None):
 
 
 class LivePlot:
-    """An ipywidgets Output that redraws the curves after every `every` epochs: pass it as fit's on_epoch_end.
+    """An ipywidgets Output that redraws plot_history after every `every` epochs: pass it as fit's on_epoch_end.
 
     Display it first (`live.show()` or a cell ending in `live`). Lesson 08, §2.
     """
@@ -165,9 +176,13 @@ def log_scalars(writer, values: dict[str, float], step: int) -> None:
 
 
 def history_scalars(history) -> dict[str, float]:
-    """The latest epoch of a History as TensorBoard tags: loss/train, loss/val, accuracy/val, lr (Lesson 08, §3)."""
-    latest = {"loss/train": history.train_loss, "loss/val": history.val_loss,
-              "accuracy/val": history.val_acc, "lr": history.lr}
+    """The latest epoch of a History as TensorBoard tags: loss/train, loss/val, accuracy/val, mse/val, mae/val, lr.
+
+    Only the metrics the History holds are returned. Lesson 08, §3.
+    """
+    latest = {"loss/train": history.train_loss, "loss/val": history.val_loss, "accuracy/val": history.val_acc,
+              "mse/val": getattr(history, "val_mse", []), "mae/val": getattr(history, "val_mae", []),
+              "lr": history.lr}
     return {tag: values[-1] for tag, values in latest.items() if values}
 
 
@@ -296,9 +311,15 @@ class DeadReLUTracker:
 class TrainingMonitor:
     """fit's on_epoch_end: records lr, gradient and weight norms per layer, and writes them to TensorBoard.
 
-    With a `writer`: the History's scalars every epoch, norms as grad_norm/<name> and weight_norm/<name>,
-    histograms every `histograms_every` epochs (0: never). `stop_on_nan` ends training once the
-    training loss is not finite. Lesson 08, §3-§4.
+    Gradient norms cover the whole epoch: a hook on each parameter takes the norm of every backward
+    pass (before any clipping), and each epoch records their mean (`grad_norm`, the typical step the
+    optimiser was given) and maximum (`grad_norm_max`, the spike that clipping would cut). The last
+    batch alone would be a noisy sample (here a short one), and the norm of the gradient summed over the
+    epoch hides the per-step size, as batch noise cancels in the sum. Create it before training; it
+    counts every backward pass from then on (`remove()` or a `with` block ends that).
+    With a `writer`: the History's scalars every epoch, norms as grad_norm/<name>, grad_norm_max/<name>
+    and weight_norm/<name>, histograms every `histograms_every` epochs (0: never; gradient histograms
+    show the last batch). `stop_on_nan` ends training once the training loss is not finite. Lesson 08, §3-§4.
     """
 
     def __init__(self, model: nn.Module, writer=None, histograms_every: int = HISTOGRAMS_EVERY,
@@ -307,25 +328,58 @@ class TrainingMonitor:
         self.model, self.writer = check_module(model), writer
         self.histograms_every, self.stop_on_nan = histograms_every, stop_on_nan
         self.records: list[dict] = []
+        self._step_norms: dict[str, list[torch.Tensor]] = {}  # this epoch's norms, kept on the device: no sync
+        self._hooks = [param.register_hook(self._hook(name))
+                       for name, param in model.named_parameters() if param.requires_grad]
+
+    def _hook(self, name: str):
+        def record(grad: torch.Tensor) -> None:
+            self._step_norms.setdefault(name, []).append(torch.linalg.vector_norm(grad.detach()))
+        return record
 
     def __call__(self, epoch: int, history) -> bool:
-        grads = gradient_norms(self.model)  # the last batch's gradients are still on the parameters
+        if not self._step_norms:
+            raise MonitorError("no backward pass was seen since the last epoch: create the TrainingMonitor "
+                               "before training, and don't call remove() until training ends")
+        steps = {name: torch.stack(norms).float() for name, norms in self._step_norms.items()}
+        self._step_norms = {}
+        device = next(iter(steps.values())).device  # stack on the device, then one copy to the host
+        stats = torch.stack([torch.stack([v.mean(), v.max()]).to(device) for v in steps.values()]).tolist()
+        grads = {name: mean for name, (mean, _) in zip(steps, stats)}
+        peaks = {name: peak for name, (_, peak) in zip(steps, stats)}
         weights = weight_norms(self.model)
-        self.records.append({"epoch": epoch, "lr": history.lr[-1], "grad_norm": grads, "weight_norm": weights})
+        self.records.append({"epoch": epoch, "lr": history.lr[-1], "grad_norm": grads, "grad_norm_max": peaks,
+                             "weight_norm": weights, "steps": len(next(iter(steps.values())))})
         if self.writer is not None:
             log_scalars(self.writer, {**history_scalars(history),
                                       **{f"grad_norm/{name}": value for name, value in grads.items()},
+                                      **{f"grad_norm_max/{name}": value for name, value in peaks.items()},
                                       **{f"weight_norm/{name}": value for name, value in weights.items()}}, epoch)
             if self.histograms_every and epoch % self.histograms_every == 0:
                 log_histograms(self.writer, self.model, epoch)
         return self.stop_on_nan and not math.isfinite(history.train_loss[-1])
 
     def series(self, kind: str = "grad_norm") -> dict[str, list[float]]:
-        """Per-layer values over the epochs seen, kind 'grad_norm' or 'weight_norm' (Lesson 08, §4)."""
-        if kind not in ("grad_norm", "weight_norm"):
-            raise InvalidArgumentError(f"kind must be 'grad_norm' or 'weight_norm', got {kind!r}")
+        """Per-layer values over the epochs seen, kind 'grad_norm', 'grad_norm_max' or 'weight_norm' (Lesson 08, §4)."""
+        if kind not in _SERIES:
+            raise InvalidArgumentError(f"kind must be one of {', '.join(map(repr, _SERIES))}, got {kind!r}")
         names = self.records[0][kind] if self.records else {}
         return {name: [r[kind][name] for r in self.records] for name in names}
+
+    def remove(self) -> None:
+        """Remove the gradient hooks; the model is as it was before, the records stay (Lesson 08, §4)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks, self._step_norms = [], {}
+
+    def __enter__(self) -> "TrainingMonitor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+_SERIES = ("grad_norm", "grad_norm_max", "weight_norm")
 
 
 # §5 Finding the bottleneck -------------------------------------------------------------------------
@@ -610,12 +664,12 @@ def plot_drift(reports: dict[str, DriftReport], image_shape: tuple[int, int]):
     for ax, (name, report) in zip(axes, reports.items()):
         shown = ax.imshow(report.psi.reshape(image_shape), cmap="magma", vmin=0, vmax=vmax)
         ax.set_xticks([]), ax.set_yticks([])
-        ax.set_title(f"{name}: PSI per pixel")
+        ax.set(title=f"{name}: PSI per pixel", xlabel="pixel column", ylabel="pixel row")
     fig.colorbar(shown, ax=axes[:-1].tolist(), shrink=0.8)
     names, overall = list(reports), [r.overall for r in reports.values()]
     colors = ["tab:red" if r.alarm else "tab:green" for r in reports.values()]
     axes[-1].bar(names, overall, color=colors)
     axes[-1].axhline(next(iter(reports.values())).threshold, color="black", linestyle="--", label="alarm threshold")
-    axes[-1].set(yscale="log", title="overall PSI")
+    axes[-1].set(yscale="log", title="overall PSI", xlabel="live batch", ylabel="mean PSI over features")
     axes[-1].legend(loc="upper right", fontsize=8)
     return fig

@@ -119,6 +119,45 @@ def test_plot_history_needs_epochs():
         monitor.plot_history(History())
 
 
+def _panels(fig):
+    import matplotlib.pyplot as plt
+
+    panels = [(ax.get_ylabel(), [line.get_label() for line in ax.get_lines()]) for ax in fig.axes]
+    assert all(ax.get_xlabel() == "epoch" for ax in fig.axes)
+    plt.close(fig)
+    return panels
+
+
+@pytest.fixture
+def regression_loader():
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.rand(40, 3, generator=generator)
+    return DataLoader(TensorDataset(inputs, inputs.sum(dim=1, keepdim=True)), batch_size=16)
+
+
+def test_plot_history_shows_loss_and_accuracy_of_a_classification_run(mlp, loader):
+    history = fit(mlp, loader, loader, epochs=2, progress=False)
+    assert _panels(monitor.plot_history(history)) == [("loss", ["train", "val"]), ("accuracy", ["top-1"])]
+
+
+def test_plot_history_shows_mse_and_mae_of_a_regression_run(regression_loader):
+    history = fit(nn.Linear(3, 1), regression_loader, regression_loader, epochs=2, progress=False)
+    assert history.val_mse and not history.val_acc
+    assert _panels(monitor.plot_history(history)) == [("loss", ["train", "val"]), ("error", ["MSE", "MAE"])]
+
+
+def test_plot_history_without_validation_shows_the_training_loss_only(regression_loader):
+    history = fit(nn.Linear(3, 1), regression_loader, None, epochs=2, progress=False)
+    assert _panels(monitor.plot_history(history)) == [("loss", ["train"])]
+
+
+def test_history_scalars_hold_only_the_metrics_recorded():
+    regression = History(train_loss=[1.0], val_loss=[0.5], lr=[0.1], val_mse=[0.5], val_mae=[0.4])
+    assert monitor.history_scalars(regression) == {"loss/train": 1.0, "loss/val": 0.5, "mse/val": 0.5,
+                                                   "mae/val": 0.4, "lr": 0.1}
+    assert set(monitor.history_scalars(History(train_loss=[1.0], lr=[0.1]))) == {"loss/train", "lr"}
+
+
 # §3 TensorBoard round trip
 
 def test_training_monitor_scalars_read_back_equal_the_history(trained):
@@ -127,7 +166,8 @@ def test_training_monitor_scalars_read_back_equal_the_history(trained):
     assert [step for step, _ in scalars["loss/val"]] == [1, 2]
     assert np.allclose([value for _, value in scalars["loss/val"]], history.val_loss, atol=1e-6)
     assert np.allclose([value for _, value in scalars["accuracy/val"]], history.val_acc, atol=1e-6)
-    assert {"loss/train", "lr", "grad_norm/fc1.weight", "weight_norm/fc2.bias"} <= set(scalars)
+    assert {"loss/train", "lr", "grad_norm/fc1.weight", "grad_norm_max/fc1.weight",
+            "weight_norm/fc2.bias"} <= set(scalars)
 
 
 def test_log_scalars_read_back_tag_by_tag(tmp_path):
@@ -176,16 +216,47 @@ def test_training_monitor_records_norms_and_lr_per_epoch(trained):
     history, watcher, _ = trained
     assert [r["epoch"] for r in watcher.records] == [1, 2]
     assert [r["lr"] for r in watcher.records] == history.lr
-    grads = watcher.series("grad_norm")
+    grads, peaks = watcher.series("grad_norm"), watcher.series("grad_norm_max")
     assert set(grads) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
     assert all(len(values) == 2 and all(v > 0 for v in values) for values in grads.values())
+    assert all(peak >= mean for name in grads for mean, peak in zip(grads[name], peaks[name]))
+    assert [r["steps"] for r in watcher.records] == [4, 4]  # 100 samples in batches of 32: 4 backward passes
 
 
 def test_training_monitor_stops_when_the_loss_is_not_finite(mlp):
-    mlp(torch.rand(2, 1, 8, 8)).sum().backward()
     watcher = monitor.TrainingMonitor(mlp)
+    mlp(torch.rand(2, 1, 8, 8)).sum().backward()
     history = History(train_loss=[float("nan")], val_loss=[1.0], val_acc=[0.1], lr=[0.1])
     assert watcher(1, history) is True
+
+
+def test_training_monitor_gradient_norm_covers_every_batch_of_the_epoch(mlp, loader):
+    optimizer = torch.optim.SGD(mlp.parameters(), lr=0.1)
+    by_hand = []
+    with monitor.TrainingMonitor(mlp) as watcher:
+        for inputs, labels in loader:  # batches of 32, 32, 32 and 4
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(mlp(inputs), labels).backward()
+            by_hand.append(monitor.gradient_norms(mlp)["fc1.weight"])
+            optimizer.step()
+        watcher(1, History(train_loss=[1.0], val_loss=[1.0], val_acc=[0.1], lr=[0.1]))
+    record = watcher.records[0]
+    assert record["steps"] == 4
+    assert record["grad_norm"]["fc1.weight"] == pytest.approx(np.mean(by_hand), rel=1e-5)
+    assert record["grad_norm_max"]["fc1.weight"] == pytest.approx(max(by_hand), rel=1e-5)
+    assert record["grad_norm"]["fc1.weight"] != pytest.approx(by_hand[-1], rel=1e-3)  # not the 4-sample batch
+
+
+def test_training_monitor_needs_a_backward_pass_after_it_was_created(mlp):
+    mlp(torch.rand(2, 1, 8, 8)).sum().backward()  # before the monitor: not counted
+    watcher = monitor.TrainingMonitor(mlp)
+    history = History(train_loss=[1.0], val_loss=[1.0], val_acc=[0.1], lr=[0.1])
+    with pytest.raises(MonitorError, match="no backward pass"):
+        watcher(1, history)
+    watcher.remove()
+    mlp(torch.rand(2, 1, 8, 8)).sum().backward()  # the hooks are gone: still nothing counted
+    with pytest.raises(MonitorError, match="no backward pass"):
+        watcher(1, history)
 
 
 def test_gradient_norms_match_torch_and_need_a_backward_pass(mlp, data):
