@@ -1,6 +1,8 @@
 """Lesson 05's claims: the `module.` prefix trap and its fix, DDP set-up errors, and 2-process DDP under torchrun
 trains the same model as one process with the same recipe."""
-import subprocess
+import os
+import socket
+import time
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from mvtk import parallel
-from mvtk.checkpoint import load_checkpoint
+from mvtk.checkpoint import load_checkpoint, read_checkpoint
 from mvtk.data import load_dataset, make_loaders
 from mvtk.env import seed_everything
 from mvtk.errors import ArchitectureMismatchError, InvalidArgumentError, ParallelError
@@ -183,20 +185,56 @@ def test_all_reduce_mean_weights_each_rank_by_its_samples(monkeypatch):
     assert parallel.all_reduce_mean(0.25, 10) == pytest.approx(0.8125)
 
 
+class FakeTorchrun:
+    """Stands in for subprocess.Popen: torchrun that failed with `output` on stderr."""
+
+    def __init__(self, command, output, seen, **kwargs):
+        seen.update(command=command, threads=kwargs["env"]["OMP_NUM_THREADS"], session=kwargs["start_new_session"])
+        self.pid, self.returncode, self.output = 0, 1, output
+
+    def communicate(self, timeout=None):
+        return "", self.output
+
+
 def test_launch_names_the_workers_error_when_torchrun_fails(monkeypatch):
     seen = {}
-
-    def failed_run(command, **kwargs):
-        seen.update(command=command, threads=kwargs["env"]["OMP_NUM_THREADS"])
-        output = ("[rank1]: Traceback (most recent call last):\n[rank1]:   ...\n"
-                  "ValueError: the data set is empty\ntorch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n")
-        return subprocess.CompletedProcess(command, 1, stdout="", stderr=output)
-
-    monkeypatch.setattr(parallel.subprocess, "run", failed_run)
+    output = ("[rank1]: Traceback (most recent call last):\n[rank1]:   ...\n"
+              "ValueError: the data set is empty\ntorch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n")
+    monkeypatch.setattr(parallel.subprocess, "Popen", lambda command, **kwargs: FakeTorchrun(command, output, seen,
+                                                                                            **kwargs))
     with pytest.raises(ParallelError, match=r"exited with code 1: ValueError: the data set is empty \| "
                                             r"torch\.distributed\.elastic.*ChildFailedError"):
         parallel.launch(["--epochs", 1], nproc=2, threads=3)
-    assert seen["command"][-3:] == ["mvtk.parallel", "--epochs", "1"] and seen["threads"] == "3"
+    assert seen["command"][-3:] == ["mvtk.parallel", "--epochs", "1"] and seen["threads"] == "3" and seen["session"]
+
+
+def test_launch_kills_torchrun_and_its_workers_when_time_is_up(monkeypatch, tmp_path):
+    """A hung run: launch kills the whole process group it started, the workers included, not only torchrun."""
+    pid_file = tmp_path / "worker.pid"
+    hung = ["bash", "-c", f"sleep 300 & echo $! > {pid_file}; wait"]  # a 'worker' in the background, then wait
+    monkeypatch.setattr(parallel, "torchrun_command", lambda *args, **kwargs: hung)
+    with pytest.raises(ParallelError, match="still running after 3 s"):
+        parallel.launch(["--epochs", 1], timeout=3)
+    worker = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):
+        for _ in range(50):  # killed at once; the reaper may take a moment
+            os.kill(worker, 0)
+            time.sleep(0.1)
+
+
+def test_torchrun_command_adds_max_restarts_and_a_rendezvous_endpoint():
+    command = parallel.torchrun_command(["--epochs", 3], max_restarts=1, rdzv_endpoint="127.0.0.1:29555",
+                                        program=["torchrun"])
+    assert "--max-restarts=1" in command and "--rdzv-endpoint=127.0.0.1:29555" in command
+    assert "--standalone" not in command and "--max-restarts" not in " ".join(parallel.torchrun_command(["--epochs", 3]))
+    with pytest.raises(ParallelError, match="max_restarts must be a whole number"):
+        parallel.torchrun_command(max_restarts=-1)
+
+
+def test_free_port_is_a_port_nothing_listens_on():
+    port = parallel.free_port()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", port))
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -240,6 +278,79 @@ def test_train_ddp_checks_its_recipe_before_joining_a_group(alone, tmp_path):
     with pytest.raises(ParallelError, match="unknown backend"):
         parallel.train_ddp(epochs=1, out=tmp_path, device="cpu", backend="mpi")
     assert not dist.is_initialized()
+
+
+# --- a restarted run resumes from rank 0's checkpoint (issue 16) --------------------------------------
+
+def same(one, other) -> bool:
+    """Equal nested states: tensors bit for bit (torch.equal), everything else with ==."""
+    if isinstance(one, torch.Tensor):
+        return isinstance(other, torch.Tensor) and torch.equal(one, other)
+    if isinstance(one, dict):
+        return isinstance(other, dict) and one.keys() == other.keys() and all(same(one[k], other[k]) for k in one)
+    if isinstance(one, (list, tuple)):
+        return len(one) == len(other) and all(same(a, b) for a, b in zip(one, other))
+    return one == other
+
+
+def run_state(folder, name="mlp_v2"):
+    """Everything a checkpoint of the DDP script holds, but its time stamps and speeds."""
+    payload = read_checkpoint(folder / parallel.CHECKPOINT_NAME)
+    payload["metrics"].pop("samples_per_s")
+    return {key: payload[key] for key in ("model", "optimizer", "scheduler", "rng", "epoch", "history", "metrics")} | {
+        "rank_rng": payload["extra"]["rank_rng"]}
+
+
+def test_a_stopped_run_resumes_and_ends_equal_to_an_uninterrupted_one(alone, tmp_path, capsys):
+    """mlp_v2 has dropout: the resumed run is equal only if the weights, Adam's moments and the RNG come back."""
+    parallel.train_ddp(model_name="mlp_v2", epochs=2, out=tmp_path / "straight", device="cpu")
+    parallel.train_ddp(model_name="mlp_v2", epochs=1, out=tmp_path / "stopped", device="cpu")
+    assert "resumes after" not in capsys.readouterr().out
+    parallel.train_ddp(model_name="mlp_v2", epochs=2, out=tmp_path / "stopped", device="cpu")
+    assert "rank 0/1: resumes after epoch 1 from last.pt" in capsys.readouterr().out
+    assert same(run_state(tmp_path / "stopped"), run_state(tmp_path / "straight"))
+
+
+def test_a_finished_run_trains_nothing_more(alone, tmp_path, capsys):
+    first = parallel.train_ddp(epochs=1, out=tmp_path, device="cpu")
+    again = parallel.train_ddp(epochs=1, out=tmp_path, device="cpu")
+    assert "already holds epoch 1 of 1: nothing to train" in capsys.readouterr().out
+    assert again["test_acc"] == first["test_acc"] and not dist.is_initialized()
+
+
+def test_the_checkpoint_of_another_recipe_is_refused(alone, tmp_path):
+    parallel.train_ddp(epochs=1, out=tmp_path, device="cpu", schedule="cosine")
+    with pytest.raises(ParallelError, match=r"another run \(seed 0, now 1; epochs 1, now 2\)"):
+        parallel.train_ddp(epochs=2, seed=1, out=tmp_path, device="cpu", schedule="cosine")
+    assert not dist.is_initialized()
+
+
+@pytest.mark.slow
+def test_a_killed_rank_under_max_restarts_resumes_and_ends_equal_to_an_uninterrupted_run(tmp_path):
+    """Real torchrun, gloo, 2 processes: rank 1 dies halfway through epoch 2; torchrun restarts the group."""
+    args = ["--model", "mlp_v2", "--epochs", 2, "--schedule", "cosine", "--device", "cpu"]
+    parallel.launch([*args, "--out", tmp_path / "straight"], nproc=2, threads=1, cwd=tmp_path, timeout=300)
+    result = parallel.launch([*args, "--out", tmp_path / "killed", "--fail-at-epoch", 2], nproc=2, threads=1,
+                             cwd=tmp_path, timeout=300, max_restarts=1,
+                             rdzv_endpoint=f"127.0.0.1:{parallel.free_port()}")
+    lines = result.stdout.splitlines()
+    assert "rank 1: --fail-at-epoch 2: exiting halfway through epoch 2 (test hook)" in lines
+    assert {f"rank {r}/2: resumes after epoch 1 from last.pt" for r in (0, 1)} <= {
+        line.partition(" (")[0] for line in lines}
+    assert sum("restart count 1" in line for line in lines) == 2
+    assert same(run_state(tmp_path / "killed"), run_state(tmp_path / "straight"))
+
+
+@pytest.mark.slow
+def test_batch_norm_breaks_the_equality_of_two_shards_and_one_batch_and_synced_statistics_restore_it(tmp_path):
+    result = parallel.launch("mvtk.parallel:compare_batch_norm", nproc=2, threads=1, cwd=tmp_path, timeout=300)
+    gaps = parallel.returned_values(result)
+    assert sorted(gaps) == [0, 1]
+    for rank_gaps in gaps.values():
+        assert rank_gaps["batchnorm"] > 1e-3  # each rank normalised its own 16 samples
+        assert rank_gaps["allreduce_batchnorm"] < 1e-5  # statistics over all 32: float rounding only
+        sync = rank_gaps["sync_batchnorm"]
+        assert sync < 1e-5 if isinstance(sync, float) else "GPU" in sync  # torch refuses SyncBatchNorm on CPU
 
 
 # --- any training function or script under torchrun, not only the course's models (issue 15) ---------
