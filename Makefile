@@ -47,3 +47,8 @@ bench: $(STAMP)  ## run every benchmark and print its table
 
 clean:
 	rm -rf runs notebooks/runs student screenshots .pytest_cache
+
+.PHONY: serve
+SERVE_PORT ?= 8000
+serve: $(STAMP)  ## serve digits@production from ./registry (or $MVTK_REGISTRY) on 127.0.0.1; trains one if empty
+	$(BIN)/python -m mvtk.serve --bootstrap true --host 127.0.0.1 --port $(SERVE_PORT)
