@@ -164,7 +164,7 @@ def expect_error(expected: type[BaseException] | tuple[type[BaseException], ...]
     """Run code that must fail: print the exception's type and message, and raise if it does not fail.
 
     Lets a lesson show an error on purpose while "Run All" still reaches the last cell
-    (Lesson 00, §2; used throughout Lesson 09). `expected` is required, so a check passes
+    (Lesson 00, §2; used throughout Lesson 12). `expected` is required, so a check passes
     only on the failure it names; a different exception type propagates.
     """
     types = expected if isinstance(expected, tuple) else (expected,)

@@ -1,4 +1,4 @@
-"""Lesson 09's claims: each broken snippet fails with exactly the exception the notebook shows, each silent
+"""Lesson 12's claims: each broken snippet fails with exactly the exception the notebook shows, each silent
 mistake changes a measurement, and each fix works. `expect_error` (tested in test_errors.py) is the helper every broken cell runs in."""
 import copy
 import io
