@@ -19,8 +19,10 @@ RANK = {
 }
 # Inside a package: a file may import only files earlier in this list.
 PACKAGE_ORDER = {
-    "checkpoint": ["_io", "crypto", "signing", "core", "weights", "periodic"],
-    "registry": ["records", "text", "index", "blobs", "diff", "registry", "cli"],
+    "checkpoint": ["_io", "crypto", "signing", "core", "program", "weights", "periodic"],
+    "distributed": ["scale", "sharded", "launch", "elastic", "fsdp"],
+    "serve": ["config", "model", "watcher", "batching", "metrics", "payload", "app", "bootstrap", "process", "load"],
+    "registry": ["recipe", "records", "text", "index", "blobs", "diff", "bundle", "registry", "cli"],
 }
 
 
