@@ -402,7 +402,7 @@ def load_compressed(path: str | os.PathLike) -> dict:
     actual = hashlib.sha256(data[:_DIGEST_AT] + bytes(32) + data[_DIGEST_AT + 32:]).digest()
     if not hmac.compare_digest(recorded, actual):
         raise IntegrityError(f"{str(path)!r} does not match the SHA-256 recorded in it when save_compressed wrote it "
-                             f"(expected {recorded.hex()[:12]}..., got {actual.hex()[:12]}...): the file is damaged or was changed")
+                             f"(expected {recorded.hex()}, got {actual.hex()}): the file is damaged or was changed")
     try:
         state = gzip.decompress(data)
     except (OSError, EOFError, ValueError) as exc:  # verified bytes that still fail: written by another program

@@ -10,13 +10,12 @@ from __future__ import annotations
 import copy
 import hashlib
 import hmac
-import io
+import inspect
 import json
 import os
-import posixpath
+import stat
 import tempfile
 import warnings
-import zipfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,15 +27,17 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from mvtk.checkpoint.program import BATCH_DIM, check_pt2_archive, export_program, load_program
 from mvtk.errors import (ExportError, check_path, InputShapeError, IntegrityError, InvalidArgumentError, check_module,
                          check_positive_int)
 from mvtk.files import atomic_write, sha256_bytes, sha256_file, write_bytes_atomic, write_error
-from mvtk.models import copy_model, eval_mode, model_device, sample_shape
+from mvtk.models import MODELS, copy_model, eval_mode, model_device, sample_shape, unwrap
 from mvtk.timing import median_latencies
 
 __all__ = [
     "INPUT_NAME", "OUTPUT_NAME", "BATCH_DIM", "PARITY_RTOL", "PARITY_ATOL", "INT8_OP_TYPES", "SOURCE_TRACE_KEY",
-    "MANIFEST_SUFFIX", "SOURCE_KEY",
+    "MANIFEST_SUFFIX", "SOURCE_KEY", "GENERIC_INPUT_NAME", "GENERIC_OUTPUT_NAME", "TASK_KEY", "VALUE_RANGE_KEY", "TASKS",
+    "io_names",
     "predict_logits", "manifest_path", "write_manifest", "verify_manifest", "export_onnx", "drop_source_traces", "check_onnx", "OnnxSummary", "describe_onnx",
     "onnx_files", "onnx_size", "load_session", "run_onnx", "Parity", "check_parity", "Latency",
     "compare_latency", "engine_latencies", "quantize_onnx", "save_exported", "check_pt2_archive", "load_exported",
@@ -44,9 +45,13 @@ __all__ = [
     "Predictor", "cpu_eval_copy",
 ]
 
-INPUT_NAME = "images"    # the graph's input and output names, as a deployment reads them
+INPUT_NAME = "images"    # the graph's input and output names for the course's models, as a deployment reads them
 OUTPUT_NAME = "logits"
-BATCH_DIM = "batch"      # the name of the dynamic batch dimension inside the ONNX graph
+GENERIC_INPUT_NAME = "input"    # ... and for any other model (export_onnx's input_name/output_name choose others)
+GENERIC_OUTPUT_NAME = "output"
+TASK_KEY = "mvtk.task"                # ONNX metadata: what Predictor.predict does with the outputs
+VALUE_RANGE_KEY = "mvtk.value_range"  # ONNX metadata: the (low, high) input range Predictor checks, JSON
+TASKS = ("classification", "regression")
 PARITY_RTOL, PARITY_ATOL = 1e-3, 1e-5  # ONNX Runtime vs PyTorch, float32 on the CPU
 INT8_OP_TYPES = ("MatMul", "Gemm")     # quantize the linear layers; ConvInteger is slow on ORT's CPU
 SOURCE_TRACE_KEY = "pkg.torch.onnx.stack_trace"  # node metadata holding the exporting machine's file paths
@@ -102,8 +107,9 @@ def verify_manifest(path: str | os.PathLike) -> bool:
     """Check `path` and the files its `<path>.sha256` lists against their recorded SHA-256 (Lesson 07, §2).
 
     Returns True when every file matches, False when there is no manifest (a file exported
-    elsewhere: accepted, but unverified). A missing file, a different SHA-256 or a damaged manifest
-    raises IntegrityError naming the file. A checksum detects corruption, not a deliberate edit:
+    elsewhere: accepted, but unverified). A missing file, a different SHA-256, a damaged manifest, or
+    something else where the manifest should be (a folder, a symlink, a fifo) raises IntegrityError
+    naming the file. A checksum detects corruption, not a deliberate edit:
     whoever can change the file can rewrite its manifest too.
     """
     recorded = _recorded(path)
@@ -121,8 +127,12 @@ def verify_manifest(path: str | os.PathLike) -> bool:
 def _recorded(path) -> dict[str, str] | None:
     """File name -> SHA-256 from `<path>.sha256`, with `path` itself listed; None without a manifest."""
     target = manifest_path(path)
-    if not target.is_file():
+    kind = _kind(target)
+    if kind is None:
         return None
+    if kind != "file":  # never "no manifest": that would load the file unverified
+        raise IntegrityError(f"{str(target)!r} should be the SHA-256 manifest of {Path(path).name} but is {kind}; "
+                             f"cannot verify {Path(path).name}: remove it and export again")
     try:
         text = target.read_text(encoding="ascii")
         recorded = {}
@@ -134,15 +144,38 @@ def _recorded(path) -> dict[str, str] | None:
     except (UnicodeDecodeError, ValueError) as exc:
         raise IntegrityError(f"{str(target)!r} is not a SHA-256 manifest written by mvtk (damaged line "
                              f"{str(exc)[:60]!r}); cannot verify {Path(path).name}") from None
+    except OSError as exc:  # no permission, an I/O error
+        raise IntegrityError(f"cannot read the SHA-256 manifest {str(target)!r}: {exc.strerror or exc}; "
+                             f"cannot verify {Path(path).name}") from exc
     if Path(path).name not in recorded:
         raise IntegrityError(f"{str(target)!r} does not list {Path(path).name}; cannot verify it")
     return recorded
 
 
+def _kind(path: Path) -> str | None:
+    """What is at `path`, a link not followed: None (nothing), 'file', 'a folder', 'a symlink' or 'a special file'."""
+    try:
+        mode = os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if stat.S_ISLNK(mode):
+        return "a symlink"
+    return "file" if stat.S_ISREG(mode) else "a folder" if stat.S_ISDIR(mode) else "a special file (not a regular file)"
+
+
+def _manifest_slot(path: Path) -> Path:
+    """`<path>.sha256`, after refusing (ExportError) a folder there: checked before anything is written."""
+    target = manifest_path(path)
+    if _kind(target) == "a folder":
+        raise ExportError(f"cannot write the SHA-256 manifest {str(target)!r}: it is a folder; remove it and "
+                          "export again (nothing was written)")
+    return target
+
+
 def _check_digest(file: Path, actual: str, expected: str, manifest: str) -> None:
     if not hmac.compare_digest(actual, expected):
         raise IntegrityError(f"{str(file)!r} does not match the SHA-256 recorded in {manifest} when mvtk wrote it "
-                             f"(expected {expected[:12]}..., got {actual[:12]}...): the file is damaged or was changed")
+                             f"(expected {expected}, got {actual}): the file is damaged or was changed")
 
 
 def _write_or_explain(path: Path, write: Callable[[Path], Any], error: type[Exception] = ExportError) -> None:
@@ -156,7 +189,8 @@ def _write_or_explain(path: Path, write: Callable[[Path], Any], error: type[Exce
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike, *,
                 dynamic_batch: bool = True, external_data: bool = False, opset: int | None = None,
-                metadata: dict[str, str] | None = None) -> Path:
+                metadata: dict[str, str] | None = None, input_name: str | None = None,
+                output_name: str | None = None) -> Path:
     """Export an eval-mode CPU copy of `model` to ONNX at `path` with the dynamo exporter; returns the path.
 
     Lesson 07, §2. The model itself is not changed. `example` is one batch of input; with
@@ -169,14 +203,18 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
     were). `<path>.sha256` records the SHA-256 of the graph and its .data (see verify_manifest), and
     check_onnx, describe_onnx, load_session and Predictor verify it. The exporter's per-node Python stack traces are dropped: they hold absolute paths of the
     exporting machine, so without them the same model gives the same bytes wherever it is exported.
+    `input_name`/`output_name` name the graph's input and output (default: see io_names). The model must
+    take one input tensor: a forward with more inputs is refused with InvalidArgumentError.
     """
     check_module(model)
-    example = _check_tensor(example, "example")
+    example = _one_input(model, example)
+    names = io_names(model, input_name, output_name)
     path = _check_onnx_path(path)
+    _manifest_slot(path)
     if metadata is not None and not (isinstance(metadata, dict)
                                      and all(isinstance(x, str) for kv in metadata.items() for x in kv)):
         raise InvalidArgumentError(f"metadata must be a dict of str to str or None, got {metadata!r}")
-    program = _to_onnx_program(model, example, dynamic_batch, opset)
+    program = _to_onnx_program(model, example, dynamic_batch, opset, names)
     proto = drop_source_traces(program.model_proto)
     if metadata:
         onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, **metadata})
@@ -204,7 +242,40 @@ def drop_source_traces(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
-def _to_onnx_program(model: nn.Module, example: torch.Tensor, dynamic_batch: bool, opset: int | None):
+def io_names(model: nn.Module, input_name: str | None = None, output_name: str | None = None) -> tuple[str, str]:
+    """The ONNX graph's (input, output) names: 'images'/'logits' for the course's models, else 'input'/'output' (Lesson 07, §2).
+
+    A name given wins; it must be a non-empty str.
+    """
+    course = isinstance(unwrap(check_module(model)), tuple(MODELS.values()))
+    names = []
+    for given, course_name, generic, what in ((input_name, INPUT_NAME, GENERIC_INPUT_NAME, "input_name"),
+                                               (output_name, OUTPUT_NAME, GENERIC_OUTPUT_NAME, "output_name")):
+        if given is not None and (not isinstance(given, str) or not given):
+            raise InvalidArgumentError(f"{what} must be a non-empty str or None, got {given!r}")
+        names.append(given or (course_name if course else generic))
+    return names[0], names[1]
+
+
+def _one_input(model: nn.Module, example) -> torch.Tensor:
+    """`example` checked as one input batch, after making sure the model's forward takes one input."""
+    try:
+        parameters = inspect.signature(unwrap(model).forward).parameters.values()
+    except (TypeError, ValueError):
+        parameters = ()
+    required = [p.name for p in parameters if p.default is inspect.Parameter.empty
+                and p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    if len(required) > 1 or isinstance(example, (tuple, list)):
+        shown = f"forward({', '.join(required)})" if len(required) > 1 else f"{len(example)} example inputs"
+        raise InvalidArgumentError(f"{type(model).__name__} takes more than one input ({shown}); export_onnx, "
+                                   "check_parity and Predictor assume one input tensor: export it with "
+                                   "torch.onnx.export(model, (a, b), ...) directly, or wrap it in a module that "
+                                   "takes one tensor")
+    return _check_tensor(example, "example")
+
+
+def _to_onnx_program(model: nn.Module, example: torch.Tensor, dynamic_batch: bool, opset: int | None,
+                     names: tuple[str, str]):
     example = example.detach().cpu()
     if dynamic_batch and example.shape[0] == 1:
         example = example.repeat(2, *[1] * (example.dim() - 1))  # a batch of 1 would be specialised to 1
@@ -212,7 +283,7 @@ def _to_onnx_program(model: nn.Module, example: torch.Tensor, dynamic_batch: boo
     try:
         cpu_model = cpu_eval_copy(model)
         return torch.onnx.export(cpu_model, (example,), dynamo=True, verbose=False, opset_version=opset,
-                                 input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                 input_names=[names[0]], output_names=[names[1]],
                                  dynamic_shapes=dynamic_shapes)
     except Exception as exc:  # the exporter raises many types; the lesson needs one with the model's name
         raise ExportError(f"could not export {type(model).__name__} to ONNX with input of shape "
@@ -357,10 +428,18 @@ def load_session(path: str | os.PathLike, *, threads: int | None = None) -> ort.
 
 
 def run_onnx(session: ort.InferenceSession, images: torch.Tensor | np.ndarray) -> np.ndarray:
-    """The session's first output (the logits) for a batch, as a float32 numpy array (Lesson 07, §3)."""
+    """The session's first output (the logits) for a batch, as a numpy array (Lesson 07, §3).
+
+    The batch is converted to the dtype the graph's input declares (float32 for the course's models).
+    A graph with more than one input is refused with ExportError.
+    """
     array = _to_numpy(images, "images")
-    name = session.get_inputs()[0].name
-    return session.run(None, {name: np.ascontiguousarray(array, dtype=np.float32)})[0]
+    graph_inputs = session.get_inputs()
+    if len(graph_inputs) != 1:
+        raise ExportError(f"the ONNX graph takes {len(graph_inputs)} inputs "
+                          f"({', '.join(i.name for i in graph_inputs)}); run_onnx and Predictor feed one")
+    dtype = _onnx_dtype(graph_inputs[0].type)
+    return session.run(None, {graph_inputs[0].name: np.ascontiguousarray(array, dtype=dtype)})[0]
 
 
 class Parity(NamedTuple):
@@ -378,6 +457,7 @@ def check_parity(model: nn.Module, session: ort.InferenceSession, images: torch.
     convolutions would differ by more than atol).
     """
     check_module(model)
+    _one_input(model, images)
     expected = predict_logits(cpu_eval_copy(model), images).numpy()
     actual = run_onnx(session, images)
     if actual.shape != expected.shape:
@@ -386,7 +466,10 @@ def check_parity(model: nn.Module, session: ort.InferenceSession, images: torch.
     if not np.allclose(actual, expected, rtol=rtol, atol=atol):
         raise ExportError(f"ONNX Runtime and PyTorch disagree: max |difference| {diff:.3g} is beyond "
                           f"rtol={rtol:g}, atol={atol:g}; was the model exported in eval() mode, from these weights?")
-    agreement = float(np.mean(actual.argmax(axis=1) == expected.argmax(axis=1))) if len(expected) else 1.0
+    if expected.ndim == 2 and expected.shape[1] > 1:  # class scores: do the predicted classes agree?
+        agreement = float(np.mean(actual.argmax(axis=1) == expected.argmax(axis=1))) if len(expected) else 1.0
+    else:  # other outputs (a regression's values): samples within the tolerance, all of them by now
+        agreement = 1.0
     return Parity(max_abs_diff=diff, agreement=agreement, samples=len(expected))
 
 
@@ -472,6 +555,7 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, *,
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     src, dst = check_path(src, "src"), _check_onnx_path(dst)
+    _manifest_slot(dst)
     check_onnx(src)
     if op_types is not None and (isinstance(op_types, str) or not all(isinstance(o, str) for o in op_types)):
         raise InvalidArgumentError(f"op_types must be a list of ONNX op names such as ['MatMul', 'Gemm'] or None, "
@@ -500,113 +584,15 @@ def save_exported(model: nn.Module, example: torch.Tensor, path: str | os.PathLi
     disk raises ExportError naming the file, and the old file stays as it was.
     """
     check_module(model)
-    example = _check_tensor(example, "example").detach().cpu()
+    example = _check_tensor(example, "example")
     path = check_path(path, "path")
     if path.suffix != ".pt2":
         raise InvalidArgumentError(f"path must end in .pt2, got {str(path)!r}")
-    if dynamic_batch and example.shape[0] == 1:
-        example = example.repeat(2, *[1] * (example.dim() - 1))
-    dynamic_shapes = ({0: torch.export.Dim(BATCH_DIM)},) if dynamic_batch else None
-    try:
-        program = torch.export.export(cpu_eval_copy(model), (example,), dynamic_shapes=dynamic_shapes)
-    except Exception as exc:
-        raise ExportError(f"torch.export could not capture {type(model).__name__}: {_first_line(exc)}") from exc
-    buffer = io.BytesIO()
-    torch.export.save(program, buffer)
-    data = buffer.getvalue()
+    manifest = _manifest_slot(path)
+    data = export_program(model, (example,), dynamic_batch=dynamic_batch)  # lesson 03's home, shared with the registry
     _write_or_explain(path, lambda tmp: tmp.write_bytes(data))
-    _write_or_explain(manifest_path(path), lambda tmp: tmp.write_text(f"{sha256_bytes(data)}  {path.name}\n"))
+    _write_or_explain(manifest, lambda tmp: tmp.write_text(f"{sha256_bytes(data)}  {path.name}\n"))
     return path
-
-
-_TEXT_ENTRIES = ("archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id")
-
-
-def check_pt2_archive(data: bytes, name: str = "the .pt2 file") -> None:
-    """Refuse a .pt2 archive in which torch.export.load could unpickle code; ExportError names the entry (Lesson 07, §6).
-
-    torch 2.14's loader unpickles with weights_only=False, or runs native code, in these places:
-    `_package._load_exported_programs` -> `serialize.deserialize_torch_artifact` for
-    `data/sample_inputs/<model>.pt` (tries weights_only=True, then falls back to False);
-    `_package._load_state_dict` / `_load_constants` for every weights/constants entry whose
-    `*_config.json` says `"use_pickle": true` (torch.load weights_only=False), for constants named
-    `custom_obj_*` (torch._C._pickle_load_obj) and `opaque_obj_*` (pickle.loads), and for the legacy
-    `data/weights/<model>.pt` / `data/constants/<model>.pt` files (deserialize_torch_artifact);
-    `load_pt2` loads AOTInductor shared libraries under `data/aotinductor/`; and `torch.export.load`
-    falls back to torch 2.7's zip layout (serialized_*.json, deserialize_torch_artifact) when the
-    archive holds no program. So, before torch sees the bytes: the archive must be one zip with
-    every entry under one root folder, no duplicate names, no `..`, absolute or backslash names,
-    an `archive_format` of "pt2" and no `data/aotinductor/` entry nor `custom_obj_`/`opaque_obj_`
-    constant; every entry must be a known text entry (the version files, `models/*.json`, the
-    `*_config.json` files, `extra/*`), raw tensor bytes that a config lists with use_pickle false,
-    or load with torch.load(weights_only=True). What is not checked: the graph JSON itself, which
-    can call any operator registered in this process; a .pt2 file is a program, not a sandbox.
-    """
-    try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
-        infos = archive.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise ExportError(f"{name} is not a torch.export .pt2 archive (not a zip file: {exc})") from None
-    names = [info.filename for info in infos]
-    if not names:
-        raise ExportError(f"{name} is an empty zip file, not a torch.export .pt2 archive")
-    for entry in names:
-        parts = entry.split("/")
-        if entry.startswith("/") or "\\" in entry or ".." in parts or (len(entry) > 1 and entry[1] == ":"):
-            raise ExportError(f"{name} refused: archive entry {entry!r} has an absolute or parent ('..') path")
-    root = names[0].split("/")[0]
-    relative = {}
-    for info in infos:
-        head, sep, rest = info.filename.partition("/")
-        if head != root or not sep:
-            raise ExportError(f"{name} refused: archive entry {info.filename!r} is outside the root folder {root!r}")
-        if rest in relative:
-            raise ExportError(f"{name} refused: archive entry {info.filename!r} appears twice")
-        if not info.is_dir():
-            relative[rest] = info
-
-    def read(rest: str) -> bytes:
-        try:
-            return archive.read(relative[rest])
-        except (zipfile.BadZipFile, OSError, NotImplementedError, RuntimeError) as exc:
-            raise ExportError(f"{name} refused: entry {root}/{rest} cannot be read ({exc})") from None
-
-    if "archive_format" not in relative or read("archive_format") != b"pt2":
-        raise ExportError(f"{name} refused: it has no {root}/archive_format entry saying 'pt2' (only the "
-                          "torch.export.save layout of torch >= 2.8 is loaded)")
-    raw = set()  # entries torch reads as raw tensor bytes, never unpickled
-    for rest in relative:
-        if rest.startswith("data/aotinductor/"):
-            raise ExportError(f"{name} refused: entry {root}/{rest} is AOTInductor native code, which loading runs")
-        folder = ("data/weights/" if rest.startswith("data/weights/") and rest.endswith("_weights_config.json")
-                  else "data/constants/" if rest.startswith("data/constants/") and rest.endswith("_constants_config.json")
-                  else None)
-        if folder is None:
-            continue
-        try:
-            config = json.loads(read(rest))["config"]
-            payloads = [(fqn, meta["path_name"], bool(meta.get("use_pickle"))) for fqn, meta in config.items()]
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ExportError(f"{name} refused: entry {root}/{rest} is not a payload config ({exc!r})") from None
-        for fqn, path_name, use_pickle in payloads:
-            if not isinstance(path_name, str) or posixpath.basename(path_name) != path_name or path_name in ("", ".", ".."):
-                raise ExportError(f"{name} refused: {root}/{rest} points {fqn!r} at {path_name!r}, outside {folder}")
-            if folder == "data/constants/" and path_name.startswith(("custom_obj_", "opaque_obj_")):
-                raise ExportError(f"{name} refused: constant {fqn!r} ({root}/{folder}{path_name}) is a pickled "
-                                  "Python object, which torch would unpickle without weights_only")
-            if not use_pickle:
-                raw.add(folder + path_name)
-    for rest in relative:
-        if (rest in _TEXT_ENTRIES or rest in raw or rest.startswith("extra/")
-                or rest.endswith(".json") and (rest.startswith("models/") or rest.endswith("_config.json"))):
-            continue  # read as text or raw bytes: never unpickled
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.load(io.BytesIO(read(rest)), weights_only=True)
-        except Exception as exc:
-            raise ExportError(f"{name} refused: entry {root}/{rest} is not loadable with torch.load(weights_only=True) "
-                              f"and torch.export.load would unpickle it ({type(exc).__name__})") from None
 
 
 def load_exported(path: str | os.PathLike) -> nn.Module:
@@ -624,14 +610,13 @@ def load_exported(path: str | os.PathLike) -> nn.Module:
     recorded = _recorded(path)
     if recorded is not None:
         _check_digest(path, sha256_bytes(data), recorded[path.name], manifest_path(path).name)
-    check_pt2_archive(data, path.name)
-    try:
-        return torch.export.load(io.BytesIO(data)).module()
-    except Exception as exc:
-        raise ExportError(f"{path.name} is not a loadable torch.export program: {type(exc).__name__}") from exc
+    return load_program(data, path.name)  # scanned by check_pt2_archive before torch sees the bytes
 
 
 # -- §7 a Predictor for deployment ------------------------------------------------------------------------
+
+
+_RECORDED = object()  # Predictor's default for value_range and task: what the file records, else the course's
 
 
 class Prediction(NamedTuple):
@@ -643,100 +628,193 @@ class Prediction(NamedTuple):
 class Predictor:
     """An ONNX Runtime model behind input checks: shape, dtype, NaN/inf, value range (Lesson 07, §7).
 
-    Build it from a file, or with `Predictor.from_registry` from a registered version.
+    Build it from a file, with `Predictor.from_model` from a model and an example batch, or with
+    `Predictor.from_registry` from a registered version. What it checks and returns is declared, not
+    guessed: the input's name, shape and dtype are the graph's (taken from the example it was exported
+    with), the value range and task are given or recorded in the file.
     """
 
-    def __init__(self, onnx_path: str | os.PathLike, *, value_range: tuple[float, float] | None = (0.0, 1.0),
-                 threads: int | None = None, source: str | None = None):
+    def __init__(self, onnx_path: str | os.PathLike, *, value_range=_RECORDED, threads: int | None = None,
+                 source: str | None = None, task=_RECORDED, postprocess="task"):
         """Open `onnx_path` (manifest verified when present, checked, then loaded in an ONNX Runtime CPU session).
 
         `threads`: see load_session. A file with a `<onnx_path>.sha256` that does not match raises
         IntegrityError; a file without one (exported elsewhere) is served unverified.
 
-        `value_range` is the (low, high) range of pixel values seen in training: a batch with values
-        outside it is refused; None turns that check off (for inputs that are not scaled images).
-        `source` names the model in messages and in repr, e.g. "digits-cnn v1"; default: the file name.
+        `value_range` is the (low, high) range of input values seen in training: a batch with values
+        outside it is refused; None turns that check off. Default: the range recorded in the file
+        (from_model and from_registry record it), else (0, 1) for a graph whose input is named 'images'
+        (the course's pixels), else None. `task` ('classification', 'regression' or None) decides what
+        predict returns; default: recorded in the file, else 'classification' for an output named
+        'logits', else None. `postprocess`: "task" (predict follows `task`), None (predict returns the
+        raw outputs) or a function of the raw outputs. `source` names the model in messages and in
+        repr, e.g. "digits-cnn v1"; default: the file name.
         """
-        if value_range is not None and not _is_range(value_range):
-            raise InvalidArgumentError(f"value_range must be (low, high) with low < high, or None, got {value_range!r}")
         self.path = check_onnx(onnx_path)  # verifies <onnx_path>.sha256 when it exists
         self.session = load_session(self.path, threads=threads)
-        graph_input = self.session.get_inputs()[0]
+        graph_inputs = self.session.get_inputs()
+        if len(graph_inputs) != 1:
+            raise ExportError(f"{self.path.name} takes {len(graph_inputs)} inputs "
+                              f"({', '.join(i.name for i in graph_inputs)}); Predictor serves models with one input")
+        graph_input = graph_inputs[0]
+        self.input_name, self.output_name = graph_input.name, self.session.get_outputs()[0].name
+        self.dtype = np.dtype(_onnx_dtype(graph_input.type))
         self.input_shape = tuple(graph_input.shape[1:])   # one sample, e.g. (1, 16, 16)
         if not all(isinstance(d, int) for d in self.input_shape):
             raise ExportError(f"{self.path.name}: only the batch dimension may be dynamic, "
                               f"got input shape {graph_input.shape}")
+        recorded = {p.key: p.value for p in _load_graph_only(self.path).metadata_props}
+        if value_range is _RECORDED:
+            value_range = (json.loads(recorded[VALUE_RANGE_KEY]) if VALUE_RANGE_KEY in recorded
+                           else (0.0, 1.0) if self.input_name == INPUT_NAME else None)
+        if task is _RECORDED:
+            task = recorded.get(TASK_KEY) or ("classification" if self.output_name == OUTPUT_NAME else None)
+        if value_range is not None and not _is_range(value_range):
+            raise InvalidArgumentError(f"value_range must be (low, high) with low < high, or None, got {value_range!r}")
+        if task is not None and task not in TASKS:
+            raise InvalidArgumentError(f"task must be one of {TASKS} or None (raw outputs), got {task!r}")
+        if not (postprocess in ("task", None) or callable(postprocess)):
+            raise InvalidArgumentError(f"postprocess must be 'task', None (raw outputs) or a function of the "
+                                       f"outputs, got {postprocess!r}")
         if source is not None and not isinstance(source, str):
             raise InvalidArgumentError(f"source must be a str such as 'digits-cnn v1' or None, got {type(source).__name__}")
-        self.value_range = value_range
+        self.value_range = None if value_range is None else tuple(value_range)
+        self.task, self.postprocess = task, postprocess
         self.source = source or self.path.name
+        image = self.input_name == INPUT_NAME  # the course's wording: images and pixels
+        self._words = ("image", "images", "pixel values") if image else ("sample", "inputs", "values")
 
     def __repr__(self) -> str:
         return f"Predictor({self.source}, input (N, {', '.join(map(str, self.input_shape))}))"
 
     @classmethod
+    def from_model(cls, model: nn.Module, example: torch.Tensor, path: str | os.PathLike, *,
+                   value_range: tuple[float, float] | None = None, task: str | None = None,
+                   input_name: str | None = None, output_name: str | None = None, **kwargs) -> "Predictor":
+        """Export `model` to ONNX at `path` for inputs like `example`, check parity, and serve it (Lesson 07, §7).
+
+        `example` is one batch of real inputs: its shape (after the batch dimension) and dtype become
+        the ones the Predictor accepts. `value_range` (default None: no check) and `task` (default:
+        'classification' for the course's models, else None: raw outputs) are recorded in the file.
+        `input_name`/`output_name`: see io_names. `kwargs` go to Predictor (threads, source, postprocess).
+        """
+        if task is not None and task not in TASKS:
+            raise InvalidArgumentError(f"task must be one of {TASKS} or None (raw outputs), got {task!r}")
+        if value_range is not None and not _is_range(value_range):
+            raise InvalidArgumentError(f"value_range must be (low, high) with low < high, or None, got {value_range!r}")
+        if task is None and isinstance(unwrap(check_module(model)), tuple(MODELS.values())):
+            task = "classification"
+        path = export_onnx(model, example, path, input_name=input_name, output_name=output_name,
+                           metadata=_settings(task, value_range))
+        check_parity(model, load_session(path), example)
+        return cls(path, **kwargs)
+
+    @classmethod
     def from_registry(cls, registry, name: str, *, alias: str | None = "production", version: int | None = None,
                       cache_dir: str | os.PathLike, input_shape: Sequence[int] | None = None,
-                      **kwargs) -> "Predictor":
+                      example: torch.Tensor | None = None, value_range=_RECORDED, task=_RECORDED,
+                      input_name: str | None = None, output_name: str | None = None, **kwargs) -> "Predictor":
         """Serve a registered version (by alias or number) as ONNX, exported once per SHA-256 (Lesson 07, §7).
 
-        The export goes to `cache_dir/<name>-v<version>-<sha256[:16]>.onnx` once it has been checked for
-        parity with the PyTorch weights (it is exported and checked under a staging name first, so a
-        file that fails the check never reaches the cache); a later call for the same weights reuses it.
-        Before reuse, the cached file is verified against its `.sha256` manifest and its recorded source
-        (the registry version's full weights SHA-256, in the ONNX metadata under SOURCE_KEY); a file
-        that fails either (damaged, edited, or left half-written) is rebuilt, with a warning.
-        `kwargs` go to Predictor (value_range, threads).
+        The input comes from `example` (a batch like the ones it will serve: shape and dtype), else
+        from `input_shape` (float32), else, for the course's models only, from the model
+        (mvtk.models.sample_shape); any other model needs one of the two. Default `value_range`:
+        (0, 1) for the course's models, else None (no check); default `task`: 'classification' for
+        the course's models, else None (raw outputs). The export goes to
+        `cache_dir/<name>-v<version>-<sha256[:16]>.onnx` (plus a tag of the input and names when they
+        are not the course's defaults) once it has been checked for parity with the PyTorch weights
+        (it is exported and checked under a staging name first, so a file that fails the check never
+        reaches the cache); a later call for the same weights reuses it. Before reuse, the cached file
+        is verified against its `.sha256` manifest and its recorded source (the registry version's
+        full weights SHA-256, in the ONNX metadata under SOURCE_KEY); a file that fails either
+        (damaged, edited, or left half-written) is rebuilt, with a warning.
+        `kwargs` go to Predictor (threads, source, postprocess).
         """
         mv = registry.get(name, version=version, alias=None if version is not None else alias)
+        course = mv.architecture is not None
+        if value_range is _RECORDED:
+            value_range = (0.0, 1.0) if course else None
+        if task is _RECORDED:
+            task = "classification" if course else None
+        if example is not None:
+            example = _check_tensor(example, "example").detach().cpu()
+        tag = {"shape": None if example is None else list(example.shape[1:]),
+               "dtype": None if example is None else str(example.dtype),
+               "input_shape": None if input_shape is None else list(input_shape),
+               "names": [input_name, output_name]}
+        custom = any(v is not None for v in (example, input_shape, input_name, output_name)) and not course
+        suffix = "-" + hashlib.sha256(json.dumps(tag).encode()).hexdigest()[:8] if custom or example is not None else ""
         cache = check_path(cache_dir, "cache_dir")
-        path = cache / f"{mv.name}-v{mv.version}-{mv.sha256[:16]}.onnx"
+        path = cache / f"{mv.name}-v{mv.version}-{mv.sha256[:16]}{suffix}.onnx"
         problem = _cache_problem(path, mv.sha256)
         if problem is not None:
             if path.exists():
                 warnings.warn(f"rebuilding {path.name}: {problem}", stacklevel=2)
+            _manifest_slot(path)
             model = registry.load_model(mv.name, version=mv.version)
-            shape = tuple(input_shape) if input_shape is not None else sample_shape(model)
-            example = torch.rand(2, *shape, generator=torch.Generator().manual_seed(0))
+            if example is None:
+                example = torch.rand(2, *_input_shape(model, input_shape, course), generator=torch.Generator().manual_seed(0))
             cache.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=cache, prefix=".staging-") as staging:
-                staged = export_onnx(model, example, Path(staging) / path.name, metadata={SOURCE_KEY: mv.sha256})
+                staged = export_onnx(model, example, Path(staging) / path.name, input_name=input_name,
+                                     output_name=output_name,
+                                     metadata={SOURCE_KEY: mv.sha256, **_settings(task, value_range)})
                 check_parity(model, load_session(staged), example)
                 os.replace(staged, path)  # the graph, then its manifest: each one atomic rename
                 os.replace(manifest_path(staged), manifest_path(path))
-        return cls(path, source=f"{mv.name} v{mv.version}", **kwargs)
+        return cls(path, source=f"{mv.name} v{mv.version}", value_range=value_range, task=task, **kwargs)
 
     def validate(self, images: torch.Tensor | np.ndarray) -> np.ndarray:
-        """The batch as a float32 numpy array, or InputShapeError saying what is wrong and how to fix it."""
-        array = _to_numpy(images, "images", error=InputShapeError)
+        """The batch as a numpy array of the graph's dtype, or InputShapeError saying what is wrong and how to fix it."""
+        one, many, values = self._words
+        array = _to_numpy(images, many, error=InputShapeError)
         expected = f"(N, {', '.join(map(str, self.input_shape))})"
-        if array.dtype != np.float32:
-            raise InputShapeError(f"{self.source} expects float32 images, got {array.dtype}; convert with "
-                                  "images.float() (torch) or images.astype(np.float32) (numpy)")
+        if array.dtype != self.dtype:
+            torch_cast, numpy_cast = _CASTS.get(self.dtype.name, (f"to(torch.{self.dtype.name})", f"np.{self.dtype.name}"))
+            raise InputShapeError(f"{self.source} expects {self.dtype.name} {many}, got {array.dtype}; convert with "
+                                  f"{many}.{torch_cast} (torch) or {many}.astype({numpy_cast}) (numpy)")
         if array.ndim == len(self.input_shape) and tuple(array.shape) == self.input_shape:
-            raise InputShapeError(f"{self.source} expects a batch of shape {expected}, got one image of shape "
-                                  f"{tuple(array.shape)}; add the batch dimension with images[None]")
+            raise InputShapeError(f"{self.source} expects a batch of shape {expected}, got one {one} of shape "
+                                  f"{tuple(array.shape)}; add the batch dimension with {many}[None]")
         if array.ndim != len(self.input_shape) + 1 or tuple(array.shape[1:]) != self.input_shape:
             raise InputShapeError(f"{self.source} expects a batch of shape {expected}, got {tuple(array.shape)}")
         if array.shape[0] == 0:
-            raise InputShapeError(f"{self.source} got an empty batch of shape {tuple(array.shape)}; send at least one image")
-        bad = ~np.isfinite(array)
-        if bad.any():
-            samples = np.flatnonzero(bad.reshape(len(array), -1).any(axis=1))
-            raise InputShapeError(f"{self.source} got {int(bad.sum())} NaN/inf value(s) in {len(samples)} image(s), "
-                                  f"first in image {int(samples[0])}; clean or drop those images")
+            raise InputShapeError(f"{self.source} got an empty batch of shape {tuple(array.shape)}; send at least one {one}")
+        if array.dtype.kind == "f":
+            bad = ~np.isfinite(array)
+            if bad.any():
+                samples = np.flatnonzero(bad.reshape(len(array), -1).any(axis=1))
+                raise InputShapeError(f"{self.source} got {int(bad.sum())} NaN/inf value(s) in {len(samples)} {one}(s), "
+                                      f"first in {one} {int(samples[0])}; clean or drop those {many}")
         if self.value_range is not None:
             low, high = self.value_range
             lo, hi = float(array.min()), float(array.max())
             if lo < low or hi > high:
-                raise InputShapeError(f"{self.source} expects pixel values in [{low:g}, {high:g}] as in training, "
-                                      f"got values from {lo:.3g} to {hi:.3g}; scale the images the same way")
+                raise InputShapeError(f"{self.source} expects {values} in [{low:g}, {high:g}] as in training, "
+                                      f"got values from {lo:.3g} to {hi:.3g}; scale the {many} the same way")
         return array
 
-    def predict(self, images: torch.Tensor | np.ndarray) -> Prediction:
-        """Labels and softmax probabilities for a validated batch (Lesson 07, §7)."""
-        logits = run_onnx(self.session, self.validate(images))
-        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    def outputs(self, images: torch.Tensor | np.ndarray) -> np.ndarray:
+        """The model's raw outputs for a validated batch, no post-processing (Lesson 07, §7)."""
+        return run_onnx(self.session, self.validate(images))
+
+    def predict(self, images: torch.Tensor | np.ndarray):
+        """A validated batch's prediction, post-processed as chosen (Lesson 07, §7).
+
+        With task 'classification': a Prediction of labels and softmax probabilities. With 'regression'
+        or no task, or `postprocess=None`: the raw outputs. With a function as `postprocess`: its result.
+        """
+        outputs = self.outputs(images)
+        if self.postprocess is None:
+            return outputs
+        if callable(self.postprocess):
+            return self.postprocess(outputs)
+        if self.task != "classification":
+            return outputs
+        if outputs.ndim != 2 or outputs.shape[1] < 2:
+            raise ExportError(f"{self.source} is served as a classifier, but its output has shape {outputs.shape}, "
+                              "not (N, classes >= 2); use task='regression' or postprocess=None for raw outputs")
+        shifted = np.exp(outputs - outputs.max(axis=1, keepdims=True))
         probabilities = (shifted / shifted.sum(axis=1, keepdims=True)).astype(np.float32)
         return Prediction(labels=probabilities.argmax(axis=1).astype(np.int64), probabilities=probabilities)
 
@@ -750,6 +828,36 @@ def cpu_eval_copy(model: nn.Module) -> nn.Module:
     Uses Lesson 06's copy, which also copes with a pruned model that has taken a training step.
     """
     return copy_model(model).cpu().eval()
+
+
+_CASTS = {"float32": ("float()", "np.float32"), "float64": ("double()", "np.float64"),
+          "int64": ("long()", "np.int64"), "int32": ("int()", "np.int32")}
+_ONNX_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+                "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+                "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
+
+
+def _onnx_dtype(type_name: str):
+    if type_name not in _ONNX_DTYPES:
+        raise ExportError(f"the ONNX graph's input has type {type_name}, which mvtk does not feed")
+    return _ONNX_DTYPES[type_name]
+
+
+def _settings(task: str | None, value_range) -> dict[str, str]:
+    """The Predictor settings recorded in the ONNX metadata."""
+    return {TASK_KEY: task or "", VALUE_RANGE_KEY: json.dumps(None if value_range is None else list(value_range))}
+
+
+def _input_shape(model: nn.Module, input_shape, course: bool) -> tuple[int, ...]:
+    """One sample's shape: given, or a course model's (sample_shape); any other model must say."""
+    if input_shape is not None:
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape):
+            raise InvalidArgumentError(f"input_shape must be one sample's shape, positive ints, got {input_shape!r}")
+        return tuple(input_shape)
+    if not course:
+        raise InvalidArgumentError(f"cannot tell the input of {type(model).__name__} (not a course model); pass "
+                                   "example= (a batch like the ones it will serve: shape and dtype) or input_shape=")
+    return sample_shape(model)
 
 
 def _cache_problem(path: Path, weights_sha256: str) -> str | None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import inspect
 from typing import Callable, Iterator
 
 import torch
@@ -19,12 +21,48 @@ from mvtk.errors import (InputShapeError, InvalidArgumentError, check_int, check
 
 __all__ = [
     "NUM_CLASSES", "MLP", "MLPv2", "SmallCNN", "MODELS", "build_model", "count_parameters", "flatten_size",
-    "layer_shapes", "model_device", "eval_mode", "unwrap", "copy_model", "sample_shape",
+    "layer_shapes", "model_device", "eval_mode", "unwrap", "copy_model", "sample_shape", "remember_init_args",
 ]
 
 NUM_CLASSES = 10  # the digits data set's classes (mvtk.data.NUM_CLASSES; a test keeps the two equal)
 
 
+def remember_init_args(cls: type) -> type:
+    """Class decorator: each instance keeps the arguments it was built with as `init_args` (Lesson 01, §5).
+
+    Opt-in, like Lightning's `save_hyperparameters`: `@remember_init_args` above `class Net(nn.Module)`
+    makes `Net(hidden=8).init_args == {"hidden": 8, ...}` (defaults included, positional arguments
+    named), which the registry records so `load_model` can rebuild the class (Lesson 04). Only the
+    decorated class records: an undecorated subclass gets no `init_args` rather than its parent's.
+    """
+    if not isinstance(cls, type) or not issubclass(cls, nn.Module):
+        raise InvalidArgumentError(f"remember_init_args decorates an nn.Module class, got {cls!r}")
+    init = cls.__init__
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if type(self) is cls:
+            bound = signature.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            recorded = {}
+            for name, value in list(bound.arguments.items())[1:]:
+                kind = signature.parameters[name].kind
+                if kind is inspect.Parameter.VAR_KEYWORD:
+                    recorded.update(value)
+                elif kind is inspect.Parameter.VAR_POSITIONAL:
+                    if value:  # *args cannot be passed back by name: leave init_args unset rather than wrong
+                        return
+                else:
+                    recorded[name] = value
+            self.init_args = recorded
+
+    cls.__init__ = __init__
+    return cls
+
+
+@remember_init_args
 class MLP(nn.Module):
     """A one-hidden-layer perceptron: flatten -> Linear(in, hidden) -> ReLU -> Linear(hidden, classes).
 
@@ -46,6 +84,7 @@ class MLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+@remember_init_args
 class MLPv2(nn.Module):
     """Version 2 of the MLP: wider, two hidden layers, dropout after each (Lesson 01, §5; Lesson 04)."""
 
@@ -70,6 +109,7 @@ class MLPv2(nn.Module):
         return self.fc3(x)
 
 
+@remember_init_args
 class SmallCNN(nn.Module):
     """Two 3x3 convolutions, a 2x2 max-pool and two linear layers, for 1 x 16 x 16 digits.
 

@@ -2,6 +2,7 @@
 import copy
 import gzip
 import io
+import re
 import warnings
 
 import pytest
@@ -432,3 +433,17 @@ def test_a_student_whose_outputs_differ_from_the_teachers_is_refused():
 def test_classification_distillation_refuses_a_one_output_model():
     with pytest.raises(InvalidArgumentError, match="a softmax over one output is always 1"):
         compress.distillation_loss(torch.zeros(4, 1), torch.zeros(4, 1), torch.zeros(4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("at", [4, 16 + 6, 16 + 31], ids=["mtime", "digest byte 7", "digest's last byte"])
+def test_a_flipped_header_byte_shows_two_digests_that_differ(mlp, tmp_path, at):
+    # bytes 16-47 of the gzip header hold the SHA-256: a flip there changes only the recorded digest, in one place
+    path = tmp_path / "model.pt.gz"
+    compress.save_compressed(mlp, path)
+    damaged = bytearray(path.read_bytes())
+    damaged[at] ^= 0x01
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(IntegrityError, match=r"model\.pt\.gz") as refused:
+        compress.load_compressed(path)
+    expected, got = re.search(r"expected ([0-9a-f]+)\W.*got ([0-9a-f]+)", str(refused.value)).groups()
+    assert expected != got and not (expected.startswith(got) or got.startswith(expected)), str(refused.value)

@@ -2,6 +2,7 @@
 import copy
 import io
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -479,3 +480,105 @@ def test_a_full_disk_during_export_names_the_file_and_keeps_the_old_one(full_dis
     with pytest.raises(ExportError, match=r"b\.pt2.*(disk is full|ENOSPC)"):
         export.save_exported(make_model("cnn"), torch.rand(2, *SHAPES["cnn"]), full_disk / "b.pt2")
     assert sorted(p.name for p in full_disk.iterdir()) == ["filler", "m.onnx", "m.onnx.sha256"]
+
+
+# -- issue 15: the Predictor's input, names and post-processing are declared, not guessed -------------------------
+
+
+def test_course_models_keep_their_graph_names_and_other_models_get_generic_ones():
+    assert export.io_names(make_model("mlp")) == ("images", "logits")
+    assert export.io_names(torch.nn.Linear(3, 2)) == ("input", "output")
+    assert export.io_names(torch.nn.Linear(3, 2), "features", "price") == ("features", "price")
+    with pytest.raises(InvalidArgumentError, match="input_name"):
+        export.io_names(torch.nn.Linear(3, 2), "")
+
+
+def test_a_course_file_keeps_the_pixel_range_and_the_classifier(exported):
+    predictor = export.Predictor(exported["mlp"][1])
+    assert predictor.value_range == (0.0, 1.0) and predictor.task == "classification"
+    assert isinstance(predictor.predict(torch.rand(2, 1, 8, 8)), export.Prediction)
+
+
+def test_declared_settings_are_recorded_in_the_file_and_read_back(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    x = torch.rand(4, 3)
+    made = export.Predictor.from_model(model, x, tmp_path / "m.onnx", value_range=(-1, 1), task="classification",
+                                       input_name="features")
+    again = export.Predictor(made.path)
+    assert (again.input_name, again.output_name, again.value_range, again.task) == ("features", "output", (-1, 1),
+                                                                                    "classification")
+    with pytest.raises(InputShapeError, match=r"expects values in \[-1, 1\]"):
+        again.predict(x + 5)
+
+
+def test_post_processing_is_the_callers_choice(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    x = torch.rand(4, 3)
+    path = export.Predictor.from_model(model, x, tmp_path / "m.onnx").path
+    expected = model(x).detach().numpy()
+    assert export.Predictor(path).task is None
+    np.testing.assert_allclose(export.Predictor(path).predict(x), expected, rtol=1e-4, atol=1e-6)  # raw outputs
+    top = export.Predictor(path, postprocess=lambda out: out.argmax(axis=1)).predict(x)
+    assert (top == expected.argmax(axis=1)).all()
+    with pytest.raises(InvalidArgumentError, match="task must be"):
+        export.Predictor(path, task="ranking")
+
+
+def test_an_integer_input_is_served_with_its_own_dtype(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Flatten(), torch.nn.Linear(12, 1))
+    tokens = torch.randint(0, 10, (4, 3))
+    predictor = export.Predictor.from_model(model, tokens, tmp_path / "m.onnx", task="regression")
+    assert predictor.dtype == np.int64 and predictor.predict(tokens).shape == (4, 1)
+    with pytest.raises(InputShapeError, match=r"expects int64 inputs, got float32; convert with inputs.long\(\)"):
+        predictor.predict(tokens.float())
+
+
+# -- a manifest path that is not a regular file is never "no manifest" ---------------------------------------------
+
+
+def put_in_the_way(manifest, intruder, tmp_path):
+    """Replace a manifest by a folder, a symlink to a matching copy elsewhere, or a fifo."""
+    text = manifest.read_text()
+    manifest.unlink()
+    if intruder == "folder":
+        manifest.mkdir()
+    elif intruder == "symlink":
+        (tmp_path / "elsewhere").mkdir()
+        (tmp_path / "elsewhere" / manifest.name).write_text(text)
+        manifest.symlink_to(tmp_path / "elsewhere" / manifest.name)
+    else:
+        os.mkfifo(manifest)
+
+
+INTRUDERS = ["folder", "symlink", "fifo"]
+
+
+@pytest.mark.parametrize("intruder", INTRUDERS)
+def test_a_pt2_whose_manifest_is_not_a_regular_file_is_refused_not_loaded_unverified(tmp_path, intruder):
+    path = saved_pt2(tmp_path)
+    put_in_the_way(export.manifest_path(path), intruder, tmp_path)
+    with pytest.raises(IntegrityError, match=r"m\.pt2\.sha256' should be the SHA-256 manifest of m\.pt2 but is a"):
+        export.load_exported(path)
+
+
+@pytest.mark.parametrize("intruder", INTRUDERS)
+def test_an_onnx_file_whose_manifest_is_not_a_regular_file_is_refused_not_used_unverified(exported, tmp_path,
+                                                                                        intruder):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(exported["mlp"][1].read_bytes())
+    export.write_manifest(path)
+    put_in_the_way(export.manifest_path(path), intruder, tmp_path)
+    for use in (export.verify_manifest, export.check_onnx, export.load_session, export.describe_onnx,
+                export.Predictor):
+        with pytest.raises(IntegrityError, match=r"m\.onnx\.sha256' should be the SHA-256 manifest of m\.onnx"):
+            use(path)
+
+
+def test_saving_where_a_folder_stands_in_the_manifests_place_writes_nothing(tmp_path):
+    (tmp_path / "m.pt2.sha256").mkdir()
+    with pytest.raises(ExportError, match=r"m\.pt2\.sha256': it is a folder"):
+        saved_pt2(tmp_path)
+    assert not (tmp_path / "m.pt2").exists()

@@ -5,9 +5,12 @@ code, each importing only the files listed above it; by section of Lesson 03:
 
 - `_io.py`: writing atomically with clear errors, removing stale temporary files (§6; used by §2, §3, §5)
 - `crypto.py`: §7 encryption at rest (AES-GCM keys, encrypt_bytes, decrypt_bytes)
-- `signing.py`: §7 tamper evidence (Ed25519 key pairs, sign_file, verify_file: detached `path.sig`)
+- `signing.py`: §7 tamper evidence (Ed25519 key pairs, sign_file, verify_file: detached `path.sig`;
+  replacing_signed: a re-save that is verifiable at every instant)
 - `core.py`: §2 a full training checkpoint, §4 exact resume (RNG states), §6 integrity and clear
   errors (save/load/read_checkpoint, seal/unseal, check_state_dict_fits)
+- `program.py`: §5 torch.export programs as bytes, loaded only after a scan for planted code
+  (export_program, check_pt2_archive, load_program; Lesson 07 re-exports the scan)
 - `weights.py`: §5 safe loading without pickle (save_weights, load_weights: safetensors)
 - `periodic.py`: §3 periodic checkpointing, §4 where to resume from (ModelCheckpoint, latest_checkpoint)
 
@@ -20,8 +23,12 @@ from mvtk.checkpoint.core import (FORMAT, FORMAT_VERSION, check_plain, check_sta
                                   seal, unseal)
 from mvtk.checkpoint.crypto import (ENCRYPTED_MAGIC, KEY_ENV_VAR, NONCE_BYTES, decrypt_bytes, encrypt_bytes,
                                     encrypted_for, load_key, new_key)
-from mvtk.checkpoint.signing import (SIGNATURE_SUFFIX, key_id, load_private_key, load_public_key, new_signing_key,
-                                     sign_file, sign_statement, signature_path, verify_file, verify_statement)
+from mvtk.checkpoint.signing import (SIGNATURE_SUFFIX, check_signing_key, check_verify_key, file_record, key_id,
+                                     load_private_key, load_public_key, new_signing_key, read_signature, replacing_signed,
+                                     sign_file, sign_statement, signature_path, verify_file, verify_statement,
+                                     write_signature)
+from mvtk.checkpoint.program import (BATCH_DIM, PT2_TEXT_ENTRIES, ExportedModule, check_pt2_archive, export_program,
+                                     load_program)
 from mvtk.checkpoint.periodic import LAST_NAME, ModelCheckpoint, latest_checkpoint
 from mvtk.checkpoint.weights import WEIGHTS_SHA256_KEY, load_weights, save_weights, weights_digest
 from mvtk.files import remove_stale_temps
@@ -34,12 +41,15 @@ __all__ = [
     "remove_stale_temps", "git_commit",
     # §3: periodic checkpointing (periodic)
     "LAST_NAME", "ModelCheckpoint", "latest_checkpoint",
-    # §5: weights without pickle (weights)
+    # §5: weights without pickle (weights); torch.export programs, scanned before loading (program)
+    "BATCH_DIM", "PT2_TEXT_ENTRIES", "ExportedModule", "check_pt2_archive", "export_program", "load_program",
     "WEIGHTS_SHA256_KEY", "load_weights", "save_weights", "weights_digest",
     # §7: encryption at rest (crypto)
     "ENCRYPTED_MAGIC", "KEY_ENV_VAR", "NONCE_BYTES", "decrypt_bytes", "encrypt_bytes", "encrypted_for", "load_key",
     "new_key",
     # §7: tamper evidence (signing)
-    "SIGNATURE_SUFFIX", "key_id", "load_private_key", "load_public_key", "new_signing_key", "sign_file",
-    "sign_statement", "signature_path", "verify_file", "verify_statement",
+    "SIGNATURE_SUFFIX", "check_signing_key", "check_verify_key", "file_record", "key_id", "load_private_key",
+    "load_public_key", "new_signing_key",
+    "read_signature", "replacing_signed", "sign_file", "sign_statement", "signature_path", "verify_file",
+    "verify_statement", "write_signature",
 ]

@@ -10,11 +10,14 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+import torch
+
 from mvtk import files
-from mvtk.errors import CheckpointError, InvalidArgumentError
+from mvtk.env import available_devices
+from mvtk.errors import CheckpointError, DeviceUnavailableError, InvalidArgumentError
 from mvtk.train import History
 
-__all__ = ["check_name", "first_line", "history_dict", "plain_dict", "writing"]
+__all__ = ["check_device", "check_name", "first_line", "history_dict", "plain_dict", "writing"]
 
 
 def check_name(value, name: str = "name", *, optional: bool = False) -> str | None:
@@ -24,6 +27,29 @@ def check_name(value, name: str = "name", *, optional: bool = False) -> str | No
     if not isinstance(value, str) or not value:
         raise InvalidArgumentError(f"{name} must be a non-empty str{' or None' if optional else ''}, got {value!r}")
     return value
+
+
+def check_device(value, name: str = "device") -> torch.device:
+    """`value` (a str or torch.device) as a torch.device this machine has (Lesson 03, §5).
+
+    InvalidArgumentError naming `name` for something that is not a device, DeviceUnavailableError
+    for a device this machine lacks: so a bad argument is never blamed on the file being loaded.
+    """
+    if not isinstance(value, (str, torch.device)):
+        raise InvalidArgumentError(f"{name} must be a str or torch.device such as 'cpu' or 'cuda', "
+                                   f"got {type(value).__name__}")
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise InvalidArgumentError(f"{name} {value!r} is not a device; expected 'cpu' or an accelerator such as "
+                                   "'cuda', 'cuda:N', 'mps' or 'xpu'") from None
+    available = available_devices()
+    if device.type not in available:
+        raise DeviceUnavailableError(f"{name} {value!r} was asked for but this machine has only {available}")
+    if device.type != "cpu" and device.index is not None and device.index >= torch.accelerator.device_count():
+        raise DeviceUnavailableError(f"{name} {value!r} was asked for but this machine has "
+                                     f"{torch.accelerator.device_count()} {device.type} device(s)")
+    return device
 
 
 @contextlib.contextmanager

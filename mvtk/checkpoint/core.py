@@ -31,9 +31,9 @@ from torch import nn
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from mvtk.checkpoint._io import check_name, first_line, history_dict, plain_dict, writing
+from mvtk.checkpoint._io import check_device, check_name, first_line, history_dict, plain_dict, writing
 from mvtk.checkpoint.crypto import ENCRYPTED_MAGIC, check_key, decrypt_bytes, encrypt_bytes, encrypted_for
-from mvtk.checkpoint.signing import sign_file, verify_file
+from mvtk.checkpoint.signing import check_signing_key, check_verify_key, replacing_signed, verify_file
 from mvtk.env import git_commit, utc_now
 from mvtk.errors import (ArchitectureMismatchError, CheckpointError, DecryptionError, IntegrityError,
                          InvalidArgumentError, check_int, check_module, check_bytes, check_path)
@@ -67,8 +67,9 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     The file replaces `path` only once complete; the SHA-256 of its bytes is stored in it (it detects
     accidental corruption, not deliberate edits). With `key`, the file is AES-GCM encrypted for the
     model `name` (default: the model's class name) (Lesson 03, §7). With `signing_key` (an Ed25519
-    private key, `load_private_key`), the file's SHA-256 is signed into `path.sig`, written after the
-    file: a crash between the two leaves a signature that does not match, which loading refuses.
+    private key, `load_private_key`), the file's SHA-256 is signed into `path.sig`; re-saving over a
+    signed file goes through `replacing_signed`, so a crash at any instant leaves the file on disk,
+    old or new, with a signature that verifies it.
     Abandoned temporary files of earlier saves of `path` that were interrupted (their process has exited)
     are removed.
     """
@@ -76,7 +77,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     if key is not None:
         check_key(key)
     check_name(name, "name", optional=True)
-    _check_signing_key(signing_key)
+    check_signing_key(signing_key)
     payload = checkpoint_payload(model, optimizer, scheduler, epoch=epoch, step=step, history=history,
                                  loader_generator=loader_generator, metrics=metrics, extra=extra)
     buffer = io.BytesIO()
@@ -85,12 +86,11 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     if key is not None:
         parts = [encrypt_bytes(b"".join(parts), key, name if name is not None else type(model).__name__)]
         digest = sha256_bytes(parts[0])
-    with writing(path) as tmp:
+    signed = contextlib.nullcontext() if signing_key is None else replacing_signed(path, signing_key, digest)
+    with signed, writing(path) as tmp:
         with open(tmp, "wb") as handle:
             for part in parts:
                 handle.write(part)
-    if signing_key is not None:
-        sign_file(path, signing_key, sha256=digest)
     return Path(path)
 
 
@@ -254,9 +254,9 @@ def read_checkpoint(path: str | os.PathLike, *, map_location="cpu", key: bytes |
     if key is not None:
         check_key(key)
     check_name(name, "name", optional=True)
-    if verify_key is not None and not isinstance(verify_key, Ed25519PublicKey):
-        raise InvalidArgumentError(f"verify_key must be an Ed25519 public key (load_public_key) or None, "
-                                   f"got {type(verify_key).__name__}")
+    check_verify_key(verify_key)
+    if isinstance(map_location, (str, torch.device)):  # a dict or a function is torch.load's to check
+        check_device(map_location, "map_location")
     source = str(path)
     signed = Path(path).resolve() if Path(path).is_symlink() else Path(path)  # last.pt: its target's signature
     encrypted_name = None
@@ -413,12 +413,6 @@ def _torch_load(source_file, source: str, map_location, mmap: bool = False) -> o
                               f"nothing in it was run. {_unpickler_reason(exc)}") from None
     except Exception as exc:  # torch raises RuntimeError/ValueError for a damaged archive
         raise CheckpointError(f"checkpoint {source!r} cannot be read by torch.load: {first_line(exc)}") from None
-
-
-def _check_signing_key(signing_key) -> None:
-    if signing_key is not None and not isinstance(signing_key, Ed25519PrivateKey):
-        raise InvalidArgumentError(f"signing_key must be an Ed25519 private key (load_private_key) or None, "
-                                   f"got {type(signing_key).__name__}")
 
 
 def _check_rng(state, loader_generator, source: str) -> None:

@@ -16,11 +16,12 @@ from torch import nn
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from mvtk.checkpoint._io import history_dict, writing
+from mvtk.checkpoint._io import check_name, history_dict, writing
 from mvtk.checkpoint.core import read_checkpoint, save_checkpoint
-from mvtk.checkpoint.crypto import ENCRYPTED_MAGIC
-from mvtk.checkpoint.signing import signature_path
-from mvtk.errors import CheckpointError, InvalidArgumentError, check_int, check_path
+from mvtk.checkpoint.crypto import ENCRYPTED_MAGIC, check_key
+from mvtk.checkpoint.signing import (check_signing_key, check_verify_key, read_signature, signature_path,
+                                     write_signature)
+from mvtk.errors import CheckpointError, InvalidArgumentError, SignatureError, check_int, check_module, check_path
 from mvtk.files import remove_abandoned_temps
 from mvtk.train import History
 
@@ -61,6 +62,11 @@ class ModelCheckpoint:
                                   ("every_n_epochs", every_n_epochs, 1), ("steps_per_epoch", steps_per_epoch, 0)):
             check_int(value, label, low=low)
         self.dirpath = check_path(dirpath, "dirpath")
+        check_module(model)  # every argument save_checkpoint would refuse is refused now, not at the first epoch
+        if key is not None:
+            check_key(key)
+        check_name(name, "name", optional=True)
+        check_signing_key(signing_key)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.monitor, self.mode, self.save_top_k, self.keep_last = monitor, mode, save_top_k, keep_last
         self.every_n_epochs, self.save_last, self.steps_per_epoch = every_n_epochs, save_last, steps_per_epoch
@@ -88,7 +94,7 @@ class ModelCheckpoint:
         self.saved[path.name] = (epoch, value)
         if self.save_last:
             self._point_last(path)
-        self._prune()
+        self._prune(path.name)
         return None
 
     def filename(self, epoch: int, value: float | None = None) -> str:
@@ -118,28 +124,52 @@ class ModelCheckpoint:
             return (math.isnan(value), sign * value if not math.isnan(value) else 0.0, epoch)
         return sorted(self.saved, key=score)
 
-    def _prune(self) -> None:
+    def _prune(self, just_saved: str) -> None:
         by_epoch = sorted(self.saved, key=lambda n: self.saved[n][0])
         keep = set(by_epoch if self.keep_last == -1 else by_epoch[len(by_epoch) - self.keep_last:])
         ranked = self._ranked()
         keep |= set(ranked if self.save_top_k == -1 else ranked[:self.save_top_k])
         if self.save_last and by_epoch:
             keep.add(by_epoch[-1])
+            keep.add(just_saved)  # last.pt's target, even when a resumed run re-saves an older epoch
         for file_name in set(self.saved) - keep:
             (self.dirpath / file_name).unlink(missing_ok=True)
             signature_path(self.dirpath / file_name).unlink(missing_ok=True)
             del self.saved[file_name]
 
     def _point_last(self, target: Path) -> None:
-        with writing(self.dirpath / LAST_NAME) as tmp:
+        last, final = self.dirpath / LAST_NAME, None
+        with writing(last) as tmp:
             tmp.unlink()  # the link takes the temporary file's name; atomic_write renames it over last.pt
             try:
                 os.symlink(target.name, tmp)  # relative, so the folder can be moved
             except (OSError, NotImplementedError):  # no symlinks (Windows without developer mode): a hard link
+                final = self._sign_link(target)
                 os.link(target, tmp)
-                if signature_path(target).exists():  # a hard link has no target to find the signature by
-                    with writing(signature_path(self.dirpath / LAST_NAME)) as sig_tmp:
-                        sig_tmp.write_bytes(signature_path(target).read_bytes())
+        if final:
+            write_signature(last, final)
+        elif final is not None:
+            signature_path(last).unlink(missing_ok=True)  # an unsigned target: the old signature signs nothing here
+
+    def _sign_link(self, target: Path) -> list[dict]:
+        """Before a hard link `last.pt` moves to `target`: its signature holds the old and the new records.
+
+        A hard link has no target to find the signature by, so `last.pt.sig` is a copy of the target's.
+        Two files change, so in three atomic steps (as `replacing_signed`): `last.pt.sig` holds the
+        records of the old and the new target, then `last.pt` is replaced, then only the new target's
+        records (returned; [] for an unsigned target) remain. At every instant `last.pt` has a record
+        that verifies it.
+        """
+        if not signature_path(target).exists():
+            return []
+        records = read_signature(target)
+        last = self.dirpath / LAST_NAME
+        try:
+            previous = read_signature(last) if last.exists() else []
+        except SignatureError:
+            previous = []
+        write_signature(last, previous + [r for r in records if r not in previous])
+        return records
 
     def _scan(self) -> dict[str, tuple[int, float | None]]:
         found = {}
@@ -163,6 +193,9 @@ def latest_checkpoint(dirpath: str | os.PathLike, *, key: bytes | None = None,
     a folder that does not exist, or whose checkpoints all fail verification, is a CheckpointError.
     """
     folder = check_path(dirpath, "dirpath")
+    if key is not None:
+        check_key(key)  # a bad argument is named, not reported as every file failing
+    check_verify_key(verify_key)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {str(folder)!r} does not exist (or is not a folder)")
     named = sorted(((int(m.group(1)), p) for p in folder.glob("epoch=*.pt")

@@ -3,28 +3,39 @@
 A SHA-256 inside a file detects accidental corruption only: whoever edits the file can compute and
 store a new one. A signature made with a private key can be checked by anyone with the public key,
 and cannot be re-made after an edit without the private key. A signed file `f` gets a detached
-`f.sig` (JSON: algorithm, the file's SHA-256, the signing key's id, the signature). What a
-signature does not do: hide the content (that is encryption), or help once the private key leaks.
+`f.sig`: JSON holding the algorithm and a list of records, each the SHA-256 of a content of `f`,
+the signing key's id and the signature of that SHA-256. `verify_file` accepts `f` if its SHA-256
+is that of a record whose signature verifies. Normally there is one record; `replacing_signed`
+(how save_checkpoint and save_weights re-save a signed file) briefly holds two, so that a crash at
+any instant leaves the file on disk with a record that verifies it. What a signature does not do:
+hide the content (that is encryption), or help once the private key leaks.
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import errno
 import hashlib
 import json
 import os
+import stat
 from pathlib import Path
+from typing import Iterator
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from mvtk import files
 from mvtk.checkpoint._io import writing
 from mvtk.errors import InvalidArgumentError, SignatureError, check_path
-from mvtk.files import atomic_write, sha256_file, write_bytes_atomic
+from mvtk.files import sha256_file
 
-__all__ = ["SIGNATURE_SUFFIX", "key_id", "load_private_key", "load_public_key", "new_signing_key",
-           "sign_file", "sign_statement", "signature_path", "verify_file", "verify_statement"]
+__all__ = ["SIGNATURE_SUFFIX", "check_signing_key", "check_verify_key", "file_record", "key_id", "load_private_key",
+           "load_public_key", "new_signing_key",
+           "read_signature", "replacing_signed", "sign_file", "sign_statement", "signature_path", "verify_file",
+           "verify_statement", "write_signature"]
 
 SIGNATURE_SUFFIX = ".sig"          # model.pt is signed by model.pt.sig
 ALGORITHM = "ed25519"
@@ -34,19 +45,50 @@ FILE_CONTEXT = b"mvtk-file-sha256:"  # what a file signature signs: this prefix 
 def new_signing_key(private_path: str | os.PathLike, public_path: str | os.PathLike) -> tuple[Path, Path]:
     """Make an Ed25519 key pair: the private key (PEM, mode 600) and the public key to share (Lesson 03, §7).
 
-    Refuses to overwrite an existing private key: files signed with it could no longer be re-signed.
+    Refuses, writing nothing, when either key file exists (files signed with an existing private
+    key could no longer be re-signed; replacing a public key others hold breaks their checks) or
+    when both paths name one file. If writing the public key fails, the new private key is removed.
     """
     private_path, public_path = check_path(private_path, "private_path"), check_path(public_path, "public_path")
-    if private_path.exists():
-        raise InvalidArgumentError(f"private key file {str(private_path)!r} already exists; refusing to overwrite a key")
+    same = private_path.resolve() == public_path.resolve()
+    with contextlib.suppress(OSError):
+        same = same or os.path.samefile(private_path, public_path)  # hard links to one file
+    if same:
+        raise InvalidArgumentError(f"private_path {str(private_path)!r} and public_path {str(public_path)!r} are the "
+                                   "same file: the public key would overwrite the private key; give two paths")
+    for label, path in (("private", private_path), ("public", public_path)):
+        if os.path.lexists(path):
+            raise InvalidArgumentError(f"{label} key file {str(path)!r} already exists; refusing to overwrite a key "
+                                       "(nothing was written)")
     key = Ed25519PrivateKey.generate()
-    with atomic_write(private_path) as tmp:
+    with files.writing(private_path) as tmp:
         os.chmod(tmp, 0o600)  # owner-only before the key is in it
         tmp.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                           serialization.NoEncryption()))
-    write_bytes_atomic(public_path, key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+    try:
+        with files.writing(public_path) as tmp:
+            tmp.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                          serialization.PublicFormat.SubjectPublicKeyInfo))
+    except BaseException:
+        private_path.unlink(missing_ok=True)  # a private key without its public half is of no use
+        raise
     return private_path, public_path
+
+
+def check_signing_key(value, name: str = "signing_key") -> Ed25519PrivateKey | None:
+    """`value` if it is an Ed25519 private key or None; else an InvalidArgumentError naming `name` (Lesson 03, §7)."""
+    if value is not None and not isinstance(value, Ed25519PrivateKey):
+        raise InvalidArgumentError(f"{name} must be an Ed25519 private key (load_private_key) or None, "
+                                   f"got {type(value).__name__}")
+    return value
+
+
+def check_verify_key(value, name: str = "verify_key") -> Ed25519PublicKey | None:
+    """`value` if it is an Ed25519 public key or None; else an InvalidArgumentError naming `name` (Lesson 03, §7)."""
+    if value is not None and not isinstance(value, Ed25519PublicKey):
+        raise InvalidArgumentError(f"{name} must be an Ed25519 public key (load_public_key) or None, "
+                                   f"got {type(value).__name__}")
+    return value
 
 
 def load_private_key(path: str | os.PathLike) -> Ed25519PrivateKey:
@@ -102,49 +144,172 @@ def signature_path(path: str | os.PathLike) -> Path:
     return path.with_name(path.name + SIGNATURE_SUFFIX)
 
 
+def file_record(sha256: str, private_key: Ed25519PrivateKey) -> dict:
+    """One signed record of a `.sig` file: the SHA-256 (hex), the key's id and the signature (Lesson 03, §7)."""
+    if not isinstance(private_key, Ed25519PrivateKey):
+        raise InvalidArgumentError(f"private_key must be an Ed25519 private key (load_private_key), "
+                                   f"got {type(private_key).__name__}")
+    if not isinstance(sha256, str) or len(sha256) != 64:
+        raise InvalidArgumentError(f"sha256 must be 64 hex digits, got {sha256!r}")
+    return {"sha256": sha256, "key_id": key_id(private_key),
+            "signature": sign_statement(FILE_CONTEXT + sha256.encode(), private_key)}
+
+
 def sign_file(path: str | os.PathLike, private_key: Ed25519PrivateKey, *, sha256: str | None = None) -> Path:
     """Sign the file's SHA-256 and write the signature beside it as `path.sig`, atomically (Lesson 03, §7).
 
     Pass `sha256` when the caller has just hashed the bytes it wrote (no second read of the file).
+    To replace a signed file, use `replacing_signed`, which never leaves the file without a valid signature.
     """
     if not isinstance(private_key, Ed25519PrivateKey):
         raise InvalidArgumentError(f"private_key must be an Ed25519 private key (load_private_key), "
                                    f"got {type(private_key).__name__}")
     digest = sha256 if sha256 is not None else sha256_file(check_path(path))
-    record = {"algorithm": ALGORITHM, "sha256": digest, "key_id": key_id(private_key),
-              "signature": sign_statement(FILE_CONTEXT + digest.encode(), private_key)}
-    with writing(signature_path(path)) as tmp:  # a full disk reads as for any checkpoint file
-        tmp.write_bytes((json.dumps(record, indent=1) + "\n").encode())
-    return signature_path(path)
+    return write_signature(path, [file_record(digest, private_key)])
+
+
+@contextlib.contextmanager
+def replacing_signed(path: str | os.PathLike, private_key: Ed25519PrivateKey, sha256: str) -> Iterator[None]:
+    """Around an atomic replacement of `path` by content of SHA-256 `sha256`: keep it verifiable throughout (Lesson 03, §7).
+
+    Two files cannot be replaced in one atomic step, so the signature goes through three states,
+    each written atomically: before the block, `path.sig` holds the records that verify the file
+    now on disk plus the new content's record; the block replaces the file; after it, `path.sig`
+    holds the new record only. A crash at any instant leaves the file on disk (old or new) with a
+    record that verifies it; a crash before the last step leaves the old record too, which only
+    matters until the next save (it verifies the previous content, which was signed anyway). If the
+    block raises, the previous `path.sig` is put back.
+    """
+    new = file_record(sha256, private_key)
+    sig = signature_path(path)
+    try:
+        previous = sig.read_bytes() if sig.is_file() and not sig.is_symlink() else None
+    except OSError:
+        previous = None
+    keep = []
+    if previous is not None and Path(path).is_file():
+        try:
+            records = _parse_records(previous)
+        except ValueError:
+            records = []
+        current = [r for r in records if r["sha256"] != sha256]
+        if current:  # hash the file on disk only when some record could be for it
+            on_disk = sha256_file(path)
+            keep = [r for r in current if r["sha256"] == on_disk]
+    write_signature(path, keep + [new])
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            if previous is None:
+                sig.unlink(missing_ok=True)
+            else:
+                with writing(sig) as tmp:
+                    tmp.write_bytes(previous)
+        raise
+    if keep:
+        write_signature(path, [new])
+
+
+def read_signature(path: str | os.PathLike) -> list[dict]:
+    """The records of `path.sig` (each with sha256, key_id, signature), unverified; SignatureError if unusable (Lesson 03, §7).
+
+    The signature file must be a regular file: a symbolic link, a folder or a device is refused by name.
+    """
+    path = check_path(path)
+    sig = signature_path(path)
+    try:
+        info = os.lstat(sig)
+    except FileNotFoundError:
+        raise SignatureError(f"{str(path)!r} has no signature file {sig.name!r}") from None
+    except OSError as exc:
+        raise SignatureError(f"cannot read signature file {str(sig)!r}: {exc.strerror or exc}") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise SignatureError(f"signature file {str(sig)!r} is a symbolic link; refusing it: a signature must be a "
+                             "regular file beside the file it signs")
+    if stat.S_ISDIR(info.st_mode):
+        raise SignatureError(f"signature file {str(sig)!r} is a folder, not a signature file; refusing it")
+    if not stat.S_ISREG(info.st_mode):
+        raise SignatureError(f"signature file {str(sig)!r} is not a regular file (a device, pipe or socket); "
+                             "refusing it")
+    try:
+        fd = os.open(sig, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise SignatureError(f"signature file {str(sig)!r} changed into a non-regular file; refusing it")
+            data = handle.read()
+    except OSError as exc:
+        why = "it is a symbolic link" if exc.errno == errno.ELOOP else (exc.strerror or str(exc))
+        raise SignatureError(f"cannot read signature file {str(sig)!r}: {why}; refusing it") from None
+    try:
+        return _parse_records(data)
+    except ValueError as exc:
+        raise SignatureError(f"signature file {str(sig)!r} is not an mvtk signature ({exc})") from None
 
 
 def verify_file(path: str | os.PathLike, public_key: Ed25519PublicKey, *, sha256: str | None = None) -> str:
     """Check `path.sig` against the file and `public_key`; returns the verified SHA-256 (Lesson 03, §7).
 
     Pass `sha256` when the caller has already hashed the bytes it is about to use (no second read).
-    Raises SignatureError if the signature is missing, unreadable, made by another key, or made
-    for other content.
+    The file passes if its SHA-256 is that of a record in `path.sig` whose signature verifies
+    under `public_key` (a re-save briefly keeps the previous record too: see `replacing_signed`).
+    Raises SignatureError if the signature is missing, not a regular file, unreadable, made by
+    another key, or made for other content.
     """
-    path, sig = check_path(path), signature_path(path)
+    path = check_path(path)
     if not isinstance(public_key, Ed25519PublicKey):
         raise InvalidArgumentError(f"public_key must be an Ed25519 public key (load_public_key), "
                                    f"got {type(public_key).__name__}")
-    if not sig.is_file():
-        raise SignatureError(f"{str(path)!r} has no signature file {sig.name!r}; "
-                             f"a signature from key {key_id(public_key)} is required")
     try:
-        record = json.loads(sig.read_bytes())
-        signed_digest, signature = record["sha256"], record["signature"]
-        if record.get("algorithm") != ALGORITHM or not isinstance(signed_digest, str):
-            raise ValueError("not an mvtk ed25519 signature")
-    except (ValueError, KeyError, TypeError) as exc:
-        raise SignatureError(f"signature file {str(sig)!r} is not an mvtk signature ({exc})") from exc
-    verify_statement(FILE_CONTEXT + signed_digest.encode(), signature, public_key, f"signature of {str(path)!r}")
+        records = read_signature(path)
+    except SignatureError as exc:
+        if "has no signature file" in str(exc):
+            raise SignatureError(f"{exc}; a signature from key {key_id(public_key)} is required") from None
+        raise
+    signed = []
+    for record in records:
+        try:
+            verify_statement(FILE_CONTEXT + record["sha256"].encode(), record["signature"], public_key,
+                             f"signature of {str(path)!r}")
+        except SignatureError as exc:
+            failure = exc
+            continue
+        signed.append(record["sha256"])
+    if not signed:
+        raise failure
     actual = sha256 if sha256 is not None else sha256_file(path)
-    if actual != signed_digest:
+    if actual not in signed:
         raise SignatureError(f"{str(path)!r} was changed after it was signed: its SHA-256 is {actual[:12]}…, "
-                             f"the signed one {signed_digest[:12]}…")
+                             f"the signed one {signed[-1][:12]}…")
     return actual
+
+
+def _parse_records(data: bytes) -> list[dict]:
+    """The records of a `.sig` file's bytes: this format (a list) or the earlier one (one record); ValueError if neither."""
+    try:
+        document = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(document, dict) or document.get("algorithm") != ALGORITHM:
+        raise ValueError("not an mvtk ed25519 signature")
+    records = document.get("records", [document])
+    if not isinstance(records, list) or not records:
+        raise ValueError("it holds no signed records")
+    for record in records:
+        if not (isinstance(record, dict) and isinstance(record.get("sha256"), str)
+                and isinstance(record.get("signature"), str)):
+            raise ValueError("a record lacks its sha256 or signature")
+    return records
+
+
+def write_signature(path: str | os.PathLike, records: list[dict]) -> Path:
+    """Write `records` (from file_record or read_signature) as `path.sig`, atomically; returns its path (Lesson 03, §7)."""
+    if not isinstance(records, list) or not records:
+        raise InvalidArgumentError(f"records must be a non-empty list of signed records, got {records!r}")
+    sig = signature_path(path)
+    with writing(sig) as tmp:  # a full disk reads as for any checkpoint file
+        tmp.write_bytes((json.dumps({"algorithm": ALGORITHM, "records": records}, indent=1) + "\n").encode())
+    return sig
 
 
 def _public(key) -> Ed25519PublicKey:

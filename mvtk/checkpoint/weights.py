@@ -13,6 +13,7 @@ sign with `signing_key=` and load with `verify_key=` (Lesson 03, §7).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -24,9 +25,9 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from torch import nn
 
-from mvtk.checkpoint._io import first_line, plain_dict, writing
+from mvtk.checkpoint._io import check_device, first_line, plain_dict, writing
 from mvtk.checkpoint.core import check_state_dict_fits
-from mvtk.checkpoint.signing import sign_file, verify_file
+from mvtk.checkpoint.signing import check_signing_key, check_verify_key, replacing_signed, verify_file
 from mvtk.env import git_commit, utc_now
 from mvtk.errors import CheckpointError, IntegrityError, InvalidArgumentError, check_module, check_path
 from mvtk.files import sha256_bytes
@@ -42,13 +43,12 @@ def save_weights(path: str | os.PathLike, model: nn.Module, metadata: dict[str, 
     """Write the model's tensors as safetensors (no pickle) with provenance and a SHA-256, atomically (Lesson 03, §5).
 
     The metadata records torch version, time, git commit and `mvtk_sha256` (see `weights_digest`).
-    With `signing_key` (Ed25519, `load_private_key`) the file is also signed into `path.sig` (Lesson 03, §7).
+    With `signing_key` (Ed25519, `load_private_key`) the file is also signed into `path.sig` (Lesson 03, §7);
+    a re-save keeps the file on disk verifiable at every instant (see `replacing_signed`).
     """
     check_path(path)
     check_module(model)
-    if signing_key is not None and not isinstance(signing_key, Ed25519PrivateKey):
-        raise InvalidArgumentError(f"signing_key must be an Ed25519 private key (load_private_key) or None, "
-                                   f"got {type(signing_key).__name__}")
+    check_signing_key(signing_key)
     extra = plain_dict(metadata, "metadata")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
         raise InvalidArgumentError(f"safetensors metadata must map str to str, got {extra!r}")
@@ -60,15 +60,20 @@ def save_weights(path: str | os.PathLike, model: nn.Module, metadata: dict[str, 
     if commit:
         meta["git_commit"] = commit
     meta.update(extra)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors, stored = {}, set()
+    for k, v in model.state_dict().items():  # tied weights share one storage, which safetensors refuses: copy
+        v = v.detach().cpu()
+        tensors[k] = v.clone(memory_format=torch.contiguous_format) if v.untyped_storage().data_ptr() in stored \
+            else v.contiguous()
+        stored.add(v.untyped_storage().data_ptr())
     unsealed = safetensors.torch.save(tensors, metadata=meta)
     meta[WEIGHTS_SHA256_KEY] = weights_digest(unsealed)  # adding the digest changes neither the rest nor the tensors
     data = safetensors.torch.save(tensors, metadata=meta)
-    with writing(path) as tmp:
+    signed = contextlib.nullcontext() if signing_key is None else replacing_signed(path, signing_key,
+                                                                                    sha256_bytes(data))
+    with signed, writing(path) as tmp:
         with open(tmp, "wb") as handle:
             handle.write(data)
-    if signing_key is not None:
-        sign_file(path, signing_key, sha256=sha256_bytes(data))
     return Path(path)
 
 
@@ -92,18 +97,17 @@ def load_weights(path: str | os.PathLike, model: nn.Module | None = None, *, dev
     """Load a save_weights file into `model` after checking its SHA-256 and fit; returns its metadata (Lesson 03, §5).
 
     The file is read once; its SHA-256 (`mvtk_sha256`) is checked on those bytes before any
-    tensor is used (IntegrityError naming the file). With `verify_key` (Ed25519, `load_public_key`),
+    tensor is used (IntegrityError naming the file; a file too damaged to hold a readable record is a
+    CheckpointError saying it is damaged). `device` is checked first (InvalidArgumentError,
+    DeviceUnavailableError). With `verify_key` (Ed25519, `load_public_key`),
     `path.sig` must sign the file (SignatureError otherwise) (Lesson 03, §7). A safetensors file
     not written by save_weights has no checksum: open it with `safetensors.torch.load_file`.
     """
     check_path(path)
     if model is not None:
         check_module(model)
-    if verify_key is not None and not isinstance(verify_key, Ed25519PublicKey):
-        raise InvalidArgumentError(f"verify_key must be an Ed25519 public key (load_public_key) or None, "
-                                   f"got {type(verify_key).__name__}")
-    if not isinstance(device, (str, torch.device)):
-        raise InvalidArgumentError(f"device must be a str or torch.device, got {type(device).__name__}")
+    check_verify_key(verify_key)
+    device = check_device(device, "device")  # before the file is read: a bad device is not the file's fault
     source = str(path)
     if not Path(path).is_file():
         raise CheckpointError(f"weights file {source!r} does not exist (or is not a file)")
@@ -114,11 +118,16 @@ def load_weights(path: str | os.PathLike, model: nn.Module | None = None, *, dev
     if not data:
         raise CheckpointError(f"weights file {source!r} is empty (0 bytes)")
     try:
-        metadata = dict(_header(data)[0].get("__metadata__") or {})
+        header, start = _header(data)
+        metadata = dict(header.get("__metadata__") or {})
         actual = weights_digest(data)
     except ValueError as exc:
-        raise CheckpointError(f"{source!r} is not a readable safetensors file: {exc}") from None
+        raise CheckpointError(f"weights file {source!r} is damaged or not written by save_weights: it is not a "
+                              f"readable safetensors file ({exc})") from None
     recorded = metadata.get(WEIGHTS_SHA256_KEY)
+    if recorded is None and (metadata.get("format") == "mvtk-weights" or WEIGHTS_SHA256_KEY.encode() in data[:start]):
+        raise CheckpointError(f"weights file {source!r} is damaged: it was written by save_weights, but its SHA-256 "
+                              f"record ({WEIGHTS_SHA256_KEY!r}) cannot be read; do not use it")
     if recorded is None:
         raise CheckpointError(f"{source!r} has no SHA-256 record ({WEIGHTS_SHA256_KEY!r}): it was not written by "
                               "save_weights; open it with safetensors.torch.load_file")
@@ -153,4 +162,19 @@ def _header(data: bytes) -> tuple[dict, int]:
         raise ValueError(f"its header is not JSON ({exc})") from None
     if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
         raise ValueError("its header is not a JSON object")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in header.get("__metadata__", {}).items()):
+        raise ValueError("its metadata does not map str to str")
+    body = len(data) - 8 - size
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            ok = (set(entry) == {"dtype", "shape", "data_offsets"} and isinstance(entry["dtype"], str)
+                  and all(type(n) is int and n >= 0 for n in entry["shape"]) and len(entry["data_offsets"]) == 2
+                  and all(type(n) is int for n in entry["data_offsets"])
+                  and 0 <= entry["data_offsets"][0] <= entry["data_offsets"][1] <= body)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"its index entry {name!r} is not a tensor (dtype, shape and offsets in the file)")
     return header, 8 + size

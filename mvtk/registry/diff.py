@@ -12,10 +12,10 @@ from typing import Any, Mapping
 
 import torch
 
-from mvtk.registry.records import ModelVersion, architecture_label
+from mvtk.registry.records import ModelVersion, model_label
 from mvtk.registry.text import Table, cell
 
-__all__ = ["TensorChange", "VersionDiff", "compare_states"]
+__all__ = ["TensorChange", "LayerChange", "VersionDiff", "compare_states", "compare_modules"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,18 @@ class TensorChange:
     shape_a: tuple[int, ...] | None
     shape_b: tuple[int, ...] | None
     relative_change: float | None     # ||b - a|| / ||a|| when the shapes agree
+
+
+@dataclass(frozen=True)
+class LayerChange:
+    """A layer (submodule) that one version has and the other lacks, or that differs (Lesson 04, §4).
+
+    Layers without weights count: a Dropout added between v1 and v2 is a LayerChange.
+    """
+    name: str
+    status: str                       # "added", "removed" or "changed" (its type or settings)
+    layer_a: str | None               # "Dropout(p=0.5)" in version a; None when absent
+    layer_b: str | None
 
 
 @dataclass(frozen=True, repr=False)
@@ -46,8 +58,14 @@ class VersionDiff:
 
     @property
     def architecture_changed(self) -> bool:
-        """True when the two versions recorded different build_model recipes (name or kwargs)."""
-        return self.a.architecture != self.b.architecture
+        """True when the versions' recipes (course architecture, class, init args) or layers differ."""
+        return (self.a.architecture != self.b.architecture or self.a.class_path != self.b.class_path
+                or self.a.init_args != self.b.init_args or bool(self.layers))
+
+    @property
+    def layers(self) -> tuple[LayerChange, ...]:
+        """The layers added, removed or changed, from the stored module trees; () when either is unknown."""
+        return compare_modules(self.a.modules, self.b.modules)
 
     @property
     def relative_change(self) -> dict[str, float]:
@@ -79,12 +97,20 @@ class VersionDiff:
             (k, cell(self.a.params.get(k)), cell(self.b.params.get(k)),
              _change(self.a.params.get(k), self.b.params.get(k)) if k in self.param_changes else "")
             for k in _union(self.a.params, self.b.params)), title="params")
-        return [tensors, metrics, params]
+        layers = Table(("layer", "status", va, vb), tuple(
+            (c.name or "(model)", c.status, c.layer_a or "-", c.layer_b or "-") for c in self.layers),
+            title=f"layers ({len(self.layers)} differ)")
+        return ([layers] if self.layers else []) + [tensors, metrics, params]
 
     def heading(self) -> str:
         """Two lines: 'name: vA -> vB', then both architectures, or one followed by '(same)'."""
-        arch = (f"{architecture_label(self.a.architecture)} -> {architecture_label(self.b.architecture)}"
-                if self.architecture_changed else f"{architecture_label(self.a.architecture)} (same)")
+        label_a, label_b = model_label(self.a), model_label(self.b)
+        if not self.architecture_changed:
+            arch = f"{label_a} (same)"
+        elif label_a != label_b:
+            arch = f"{label_a} -> {label_b}"
+        else:
+            arch = f"{label_a}, layers differ"
         return f"{self.a.name}: v{self.a.version} -> v{self.b.version}\narchitecture: {arch}"
 
     def __str__(self) -> str:
@@ -101,6 +127,25 @@ def compare_states(state_a: Mapping[str, torch.Tensor],
                    state_b: Mapping[str, torch.Tensor]) -> tuple[TensorChange, ...]:
     """One TensorChange per key of either state_dict, a's keys first (Lesson 04, §4)."""
     return tuple(_compare_tensor(key, state_a.get(key), state_b.get(key)) for key in _union(state_a, state_b))
+
+
+def compare_modules(tree_a, tree_b) -> tuple[LayerChange, ...]:
+    """The layers that differ between two module trees of (name, type, extra_repr); () if either is empty (Lesson 04, §4)."""
+    if not tree_a or not tree_b:
+        return ()
+    a = {name: _layer(kind, extra) for name, kind, extra in tree_a}
+    b = {name: _layer(kind, extra) for name, kind, extra in tree_b}
+    changes = []
+    for name in _union(a, b):
+        if name not in b or name not in a:
+            changes.append(LayerChange(name, "removed" if name not in b else "added", a.get(name), b.get(name)))
+        elif a[name] != b[name] and name:  # the model itself differs only through its children
+            changes.append(LayerChange(name, "changed", a[name], b[name]))
+    return tuple(changes)
+
+
+def _layer(kind: str, extra: str) -> str:
+    return f"{kind}({extra})"
 
 
 def _compare_tensor(key: str, a: torch.Tensor | None, b: torch.Tensor | None) -> TensorChange:

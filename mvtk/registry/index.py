@@ -13,15 +13,17 @@ import os
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from mvtk.env import utc_now
 from mvtk.errors import NotFoundError, RegistryError
 from mvtk.registry.text import alias_cell, ranges
 
-__all__ = ["RegistryIndex", "SCHEMA", "BUSY_TIMEOUT_S"]
+__all__ = ["RegistryIndex", "SCHEMA", "BUSY_TIMEOUT_S", "ADDED_COLUMNS"]
 
 BUSY_TIMEOUT_S = 60.0          # how long a writer waits while another process holds the write lock
+
+ADDED_COLUMNS = ("signature", "class_path", "init_args", "modules", "program_sha256")  # added to older indexes
 
 _INHERITED: list[sqlite3.Connection] = []  # connections a forked child inherited: kept, never closed there
 
@@ -39,6 +41,9 @@ CREATE TABLE IF NOT EXISTS versions (
     notes TEXT NOT NULL, parent INTEGER, created TEXT NOT NULL, git_commit TEXT,
     torch_version TEXT NOT NULL, mvtk_version TEXT NOT NULL, data_fingerprint TEXT,
     signature TEXT,                        -- Ed25519 over the record (records.version_statement), NULL when unsigned
+    class_path TEXT, init_args TEXT,       -- how to rebuild the model: 'module:QualName' and its arguments (JSON)
+    modules TEXT,                          -- JSON list of [name, type, extra_repr]: the module tree
+    program_sha256 TEXT,                   -- a torch.export program (.pt2) in the blob store, NULL when none
     PRIMARY KEY (name, version)
 );
 CREATE INDEX IF NOT EXISTS versions_by_sha256 ON versions(sha256);
@@ -58,22 +63,40 @@ CREATE TABLE IF NOT EXISTS alias_events (  -- append-only audit trail of every a
 class RegistryIndex:
     """One registry's index file: a connection per thread and process, transactions, queries (Lesson 04, §2).
 
-    `label` names the registry in error messages. Opening creates the tables if they are missing, and
-    adds the columns later mvtk versions added (`signature`) to an older index. Every SQLite error
+    `label` names the registry in error messages. Opening a blank index (a new or empty file, no
+    tables) first calls `on_blank`, which raises to refuse it (the folder holds weights, so the index
+    was lost, not new), then creates the tables; an SQLite file holding other tables is refused. An
+    older index gets the columns later mvtk versions added (ADDED_COLUMNS). Every SQLite error
     (a damaged file, a full disk, a lock held too long) becomes a RegistryError naming the file.
     """
 
-    def __init__(self, path: Path, label: str):
+    def __init__(self, path: Path, label: str, on_blank: Callable[[], None] | None = None):
         self.path, self.label = path, label
         self._local = threading.local()
+        try:
+            with self.errors():
+                tables = self._tables(self.connect())
+            if not tables and on_blank is not None:
+                with self.write() as conn:  # under the write lock: another process creating it has finished or not begun
+                    tables = self._tables(conn)
+                    if not tables:
+                        on_blank()
+            if tables and "versions" not in tables:
+                raise RegistryError(f"registry index {str(self.path)!r} is an SQLite file but not an mvtk registry "
+                                    f"index (its tables: {', '.join(sorted(tables))}); restore {self.path.name} "
+                                    "from a backup, or give another --root")
+        except BaseException:
+            self.close()  # a refused index is left exactly as it was
+            raise
         with self.errors():
             self.connect().execute("PRAGMA journal_mode = WAL")  # readers never block the writer, and vice versa
         with self.write() as conn:
             for statement in SCHEMA.split(";")[:-1]:
                 conn.execute(statement)
             columns = {r[1] for r in conn.execute("PRAGMA table_info(versions)")}
-            if "signature" not in columns:  # an index written before versions were signed: still readable
-                conn.execute("ALTER TABLE versions ADD COLUMN signature TEXT")
+            for column in ADDED_COLUMNS:  # an index written by an older mvtk: still readable, its rows NULL here
+                if column not in columns:
+                    conn.execute(f"ALTER TABLE versions ADD COLUMN {column} TEXT")
 
     @contextlib.contextmanager
     def errors(self) -> Iterator[None]:
@@ -92,6 +115,10 @@ class RegistryIndex:
             else:
                 hint = "the index could not be read or written"
             raise RegistryError(f"registry index {str(self.path)!r}: {text}; {hint}") from exc
+
+    @staticmethod
+    def _tables(conn: sqlite3.Connection) -> set[str]:
+        return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
 
     # -- connections and transactions ----------------------------------------------------------------------
 
@@ -181,6 +208,15 @@ class RegistryIndex:
         """The version numbers of `name` that exist, ascending."""
         return [r[0] for r in conn.execute("SELECT version FROM versions WHERE name = ? ORDER BY version", (name,))]
 
+    def last_version(self, conn, name: str) -> int | None:
+        """The highest number ever given to `name` (deleted versions included), or None for a new name."""
+        found = conn.execute("SELECT last_version FROM models WHERE name = ?", (name,)).fetchone()
+        return None if found is None else found[0]
+
+    def keep_numbers(self, conn, name: str, last: int) -> None:
+        """Record `last` as the highest number given to the new name `name` (an import keeping its numbers)."""
+        conn.execute("INSERT INTO models (name, last_version) VALUES (?, ?)", (name, last))
+
     def next_version(self, conn, name: str) -> int:
         """Hand out the next number of `name`: one above the highest ever given, deleted ones included."""
         found = conn.execute("SELECT last_version FROM models WHERE name = ?", (name,)).fetchone()
@@ -198,11 +234,17 @@ class RegistryIndex:
         """Remove one version's row (its number stays used)."""
         conn.execute("DELETE FROM versions WHERE name = ? AND version = ?", (name, version))
 
+    def looks_empty(self, conn) -> bool:
+        """True when no name was ever given a version number: a new index, or one emptied (Lesson 04, §2)."""
+        return conn.execute("SELECT NOT EXISTS (SELECT 1 FROM models) AND NOT EXISTS (SELECT 1 FROM versions)"
+                            ).fetchone()[0] == 1
+
     def blob_rows(self, conn: sqlite3.Connection | None = None) -> list[tuple[str, int, str]]:
-        """(name, version, sha256) of every version, sorted."""
+        """(name, version, sha256) of every version's weights and program, sorted."""
         with self.errors():
             return [tuple(r) for r in (conn or self.connect()).execute(
-                "SELECT name, version, sha256 FROM versions ORDER BY name, version")]
+                "SELECT name, version, sha256 FROM versions UNION ALL SELECT name, version, program_sha256 "
+                "FROM versions WHERE program_sha256 IS NOT NULL ORDER BY 1, 2")]
 
     def all_version_rows(self, conn) -> list[sqlite3.Row]:
         """Every row of every name, sorted by name and version (Lesson 04, §6)."""
@@ -234,6 +276,14 @@ class RegistryIndex:
         """Delete `alias` (which pointed at `previous`) and log the removal."""
         conn.execute("DELETE FROM aliases WHERE name = ? AND alias = ?", (name, alias))
         self._log(conn, name, alias, "remove", None, previous)
+
+    def copy_aliases(self, conn, name: str, aliases: dict[str, int], events: list[dict]) -> None:
+        """Set the aliases of a name new here and append its history as it was elsewhere (an import)."""
+        for event in events:
+            conn.execute("INSERT INTO alias_events (name, alias, action, version, previous, at) VALUES (?, ?, ?, ?, ?, ?)",
+                         (name, event["alias"], event["action"], event["version"], event["previous"], event["at"]))
+        for alias, version in aliases.items():
+            conn.execute("INSERT INTO aliases (name, alias, version) VALUES (?, ?, ?)", (name, alias, version))
 
     def _log(self, conn, name, alias, action, version, previous) -> None:
         conn.execute("INSERT INTO alias_events (name, alias, action, version, previous, at) VALUES (?, ?, ?, ?, ?, ?)",

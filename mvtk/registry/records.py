@@ -18,17 +18,18 @@ from safetensors.torch import save as safetensors_save
 from torch import nn
 
 import mvtk
-from mvtk.checkpoint import check_state_dict_fits
+from mvtk.checkpoint import check_state_dict_fits, export_program
 from mvtk.env import git_commit, utc_now
-from mvtk.errors import InvalidArgumentError, check_int
+from mvtk.errors import InvalidArgumentError, RegistryError, check_int
 from mvtk.files import sha256_bytes
-from mvtk.models import MLP, MODELS, MLPv2, SmallCNN, build_model, unwrap
+from mvtk.models import MODELS, build_model, unwrap
+from mvtk.registry.recipe import capture_recipe, class_path, module_tree, recipe_label
 
 __all__ = [
-    "ModelVersion", "AliasEvent", "CheckReport",
+    "ModelVersion", "AliasEvent", "CheckReport", "ImportResult", "REBUILD_FIELDS",
     "NAME_PATTERN", "ALIAS_PATTERN", "SHA256_PATTERN",
     "check_name", "check_alias", "check_version_number", "is_sha256", "architecture_label", "shown",
-    "MAX_VERSION", "STATEMENT_PREFIX", "version_statement", "new_version_row", "infer_architecture", "weights_and_architecture", "version_from_row", "event_from_row",
+    "MAX_VERSION", "STATEMENT_PREFIX", "version_statement", "new_version_row", "infer_architecture", "weights_and_architecture", "version_from_row", "row_from_version", "event_from_row", "model_label",
 ]
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # no '@' or '/': `name@alias` stays readable
@@ -36,7 +37,8 @@ ALIAS_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")      # starts with a 
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")  # a SHA-256 as hexdigest() writes it: blob names, data fingerprints
 MAX_VERSION = 2**63 - 1       # SQLite's largest INTEGER: a larger number can never name a version
 STATEMENT_PREFIX = b"mvtk-registry-version/1\n"  # what a version's signature signs: this + version_statement's JSON
-JSON_COLUMNS = ("architecture", "metrics", "params", "tags", "tensor_keys")  # stored as JSON text in the index
+JSON_COLUMNS = ("architecture", "metrics", "params", "tags", "tensor_keys", "init_args", "modules")  # JSON text
+REBUILD_FIELDS = ("class_path", "init_args", "modules", "program_sha256")  # added later: signed only when set
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,10 @@ class ModelVersion:
     data_fingerprint: str | None      # mvtk.data.fingerprint of the training data
     tensor_keys: tuple[str, ...] = field(default=(), repr=False)
     signature: str | None = field(default=None, repr=False)  # Ed25519 over version_statement(); None: unsigned
+    class_path: str | None = field(default=None, repr=False)   # 'package.module:QualName' of the model's class
+    init_args: dict | None = field(default=None, repr=False)   # its constructor's keyword arguments
+    modules: tuple[tuple[str, str, str], ...] = field(default=(), repr=False)  # (name, type, extra_repr) per layer
+    program_sha256: str | None = field(default=None, repr=False)  # a torch.export program (.pt2) in the blob store
 
     @property
     def ref(self) -> str:
@@ -68,7 +74,8 @@ class ModelVersion:
         """Every field on its own line, as `python -m mvtk.registry show` prints it (Lesson 04, §2)."""
         lines = [f"{self.ref}"]
         for key in ("sha256", "architecture", "metrics", "params", "tags", "notes", "parent", "created",
-                    "git_commit", "torch_version", "mvtk_version", "data_fingerprint", "signature"):
+                    "git_commit", "torch_version", "mvtk_version", "data_fingerprint", "class_path", "init_args",
+                    "program_sha256", "signature"):
             value = getattr(self, key)
             shown = json.dumps(value, sort_keys=True) if isinstance(value, dict) else value
             lines.append(f"  {key}: {'-' if shown is None else shown}")
@@ -85,6 +92,27 @@ class AliasEvent:
     version: int | None
     previous: int | None
     at: str
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    """What `Registry.import_versions` did: each source version's new number, and the aliases it set (Lesson 04, §7).
+
+    `versions` maps name -> {number in the export: number here}; a name the registry already had gets
+    numbers after its own (numbers only count up), a new name keeps the exported numbers.
+    `aliases` maps name -> {alias: number here} for the aliases imported with their history;
+    `skipped_aliases` names the aliases left alone because the name already existed here.
+    """
+    versions: dict[str, dict[int, int]]
+    aliases: dict[str, dict[str, int]]
+    skipped_aliases: dict[str, tuple[str, ...]]
+
+    def __str__(self) -> str:
+        lines = [f"{name} v{old} -> {name} v{new}" for name, moved in self.versions.items() for old, new in moved.items()]
+        lines += [f"{name}@{alias} -> v{v}" for name, aliases in self.aliases.items() for alias, v in aliases.items()]
+        lines += [f"{name}: aliases not imported (the name existed here): {', '.join(skipped)}"
+                  for name, skipped in self.skipped_aliases.items() if skipped]
+        return "\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -153,6 +181,9 @@ def version_statement(mv: "ModelVersion") -> bytes:
     whoever edits any of them in the index (or swaps the weights and their SHA-256) breaks the signature.
     """
     fields = {key: getattr(mv, key) for key in ModelVersion.__dataclass_fields__ if key != "signature"}
+    for key in REBUILD_FIELDS:  # absent from versions registered before mvtk recorded them: their signatures hold
+        if fields[key] in (None, ()):
+            del fields[key]
     return STATEMENT_PREFIX + json.dumps(fields, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
@@ -173,54 +204,86 @@ def architecture_label(architecture: dict | None) -> str:
 
 
 def new_version_row(name: str, model_or_state_dict, *, architecture: dict | None, metrics: dict | None,
-                    params: dict | None, tags: dict | None, notes: str, parent: int | None,
-                    dataset) -> tuple[dict, bytes]:
-    """Check a registration's arguments; return its index row (all but the version) and blob bytes (Lesson 04, §2).
+                    params: dict | None, tags: dict | None, notes: str, parent: int | None, dataset,
+                    init_args: dict | None = None, program_example: tuple | None = None
+                    ) -> tuple[dict, bytes, bytes | None]:
+    """Check a registration's arguments; return its index row (all but the version), weights and program (Lesson 04, §2).
 
-    The row records the weights' SHA-256, the git commit, torch and mvtk versions, the time and
-    the data's fingerprint.
+    The row records the weights' SHA-256, the git commit, torch and mvtk versions, the time, the
+    data's fingerprint, and how to rebuild the model: class path, constructor arguments and module
+    tree (see mvtk.registry.recipe), plus the SHA-256 of a torch.export program when
+    `program_example` (a tuple of example inputs) is given; those bytes come back third (else None).
     """
     check_name(name)
-    state, architecture = weights_and_architecture(model_or_state_dict, architecture)
+    if program_example is not None and not isinstance(model_or_state_dict, nn.Module):
+        raise InvalidArgumentError("program_example needs the model itself (an nn.Module) to export, "
+                                   "not a state_dict")
+    state, architecture, recipe = weights_and_architecture(model_or_state_dict, architecture, init_args,
+                                                           program=program_example is not None)
     if not isinstance(notes, str):
         raise InvalidArgumentError(f"notes must be a str, got {type(notes).__name__}")
     if parent is not None:
         check_version_number(parent, "parent")
+    program = None
+    if program_example is not None:
+        if isinstance(program_example, torch.Tensor):
+            program_example = (program_example,)
+        program = export_program(_plain(model_or_state_dict), program_example)
     data = safetensors_save(state)
+    path, kwargs, modules = recipe
     row = {"name": name, "sha256": sha256_bytes(data), "tensor_keys": json.dumps(list(state)),
            "architecture": None if architecture is None else _to_json(architecture, "architecture"),
            "metrics": _to_json(_check_metrics(metrics), "metrics"), "params": _to_json(params or {}, "params"),
            "tags": _to_json(tags or {}, "tags"), "notes": notes, "parent": parent, "created": utc_now(),
            "git_commit": git_commit(), "torch_version": torch.__version__, "mvtk_version": mvtk.__version__,
-           "data_fingerprint": _data_fingerprint(dataset)}
-    return row, data
+           "data_fingerprint": _data_fingerprint(dataset), "class_path": path,
+           "init_args": None if kwargs is None else json.dumps(kwargs, sort_keys=True),
+           "modules": json.dumps([list(m) for m in modules]) if modules else None,
+           "program_sha256": None if program is None else sha256_bytes(program)}
+    return row, data, program
 
 
 def infer_architecture(model: nn.Module) -> dict | None:
-    """The build_model recipe {"name", "kwargs"} of a course model; None for any other model (Lesson 04, §2)."""
-    if type(model) is MLP:
-        kwargs = {"in_features": model.fc1.in_features, "hidden": model.fc1.out_features,
-                  "num_classes": model.fc2.out_features}
-    elif type(model) is MLPv2:
-        kwargs = {"in_features": model.fc1.in_features, "hidden": model.fc1.out_features,
-                  "num_classes": model.fc3.out_features, "dropout": model.drop.p}
-    elif type(model) is SmallCNN:
-        kwargs = {"in_channels": model.input_shape[0], "input_size": model.input_shape[1],
-                  "num_classes": model.fc2.out_features, "hidden": model.fc1.out_features,
-                  "channels": [model.features.conv1.out_channels, model.features.conv2.out_channels]}
-    else:
+    """The build_model recipe {"name", "kwargs"} of a course model; None for any other model (Lesson 04, §2).
+
+    The kwargs are the ones the model was built with (mvtk.models.remember_init_args keeps them).
+    """
+    names = [key for key, cls in MODELS.items() if cls is type(model)]
+    kwargs = model.__dict__.get("init_args")
+    if not names or not isinstance(kwargs, Mapping):
         return None
-    return {"name": next(key for key, cls in MODELS.items() if cls is type(model)), "kwargs": kwargs}
+    return {"name": names[0], "kwargs": json.loads(json.dumps(dict(kwargs)))}
 
 
-def weights_and_architecture(obj, architecture: dict | None) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """A CPU copy of the state_dict of a model (unwrapped) or a state_dict, and its checked recipe (Lesson 04, §2)."""
+def weights_and_architecture(obj, architecture: dict | None, init_args: dict | None = None, *, program: bool = False
+                             ) -> tuple[dict[str, torch.Tensor], dict | None, tuple]:
+    """A CPU copy of the state_dict of a model (unwrapped) or a state_dict, its checked recipe (Lesson 04, §2).
+
+    Returns (weights, course architecture or None, (class path, init args, module tree)). For a
+    model, the class path and init args come from mvtk.registry.recipe.capture_recipe; when they
+    cannot be found and no program is stored either, a RegistryError says what to pass. A state_dict
+    records no class: only `architecture` (a course model's recipe) can rebuild it.
+    """
+    recipe: tuple = (None, None, ())
     if isinstance(obj, nn.Module):
-        obj = unwrap(obj)  # register the model, not its wrapper: no 'module.' prefix (Lesson 05)
-        obj = getattr(obj, "_orig_mod", obj)  # torch.compile's wrapper
-        if architecture is None:
+        obj = _plain(obj)
+        if architecture is None and init_args is None:
             architecture = infer_architecture(obj)
+        if architecture is not None and init_args is None:  # a course model: build_model rebuilds it, checked below
+            course = isinstance(architecture, dict) and MODELS.get(architecture.get("name")) is type(obj)
+            path, kwargs = class_path(type(obj)), architecture.get("kwargs", {}) if course else None
+        else:
+            try:
+                path, kwargs = capture_recipe(obj, init_args)
+            except RegistryError:
+                if not program:
+                    raise
+                path, kwargs = class_path(type(obj)), None  # the stored program rebuilds it
+        recipe = (path, kwargs, module_tree(obj))
         obj = obj.state_dict()
+    elif init_args is not None:
+        raise InvalidArgumentError("init_args needs the model (an nn.Module) to know its class; "
+                                   "register the model itself, or pass architecture= for a course model")
     if not isinstance(obj, Mapping):
         raise InvalidArgumentError(f"expected an nn.Module or a state_dict (a mapping of names to tensors), "
                                    f"got {type(obj).__name__}")
@@ -232,8 +295,17 @@ def weights_and_architecture(obj, architecture: dict | None) -> tuple[dict[str, 
                                        "under a str key; pass model.state_dict(), not a whole checkpoint")
     state = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in obj.items()}
     if architecture is not None:
-        _check_architecture(architecture, state)
-    return state, architecture
+        built = _check_architecture(architecture, state)
+        if not recipe[2]:  # a state_dict: its layers are the course model's
+            recipe = (None, None, module_tree(built))
+    return state, architecture, recipe
+
+
+def model_label(mv: "ModelVersion") -> str:
+    """What a version's model is, for a diff's heading: 'mlp(hidden=16)', 'Net(p=0.1)', or 'unknown' (Lesson 04, §4)."""
+    if mv.architecture is not None:
+        return architecture_label(mv.architecture)
+    return recipe_label(mv.class_path, mv.init_args) or "unknown"
 
 
 # -- index rows -> records ------------------------------------------------------------------------------------------
@@ -243,8 +315,19 @@ def version_from_row(row) -> ModelVersion:
     """The ModelVersion of one index row (a mapping of column -> value) (Lesson 04, §2)."""
     row = dict(row)
     for key in JSON_COLUMNS:
-        row[key] = None if row[key] is None else json.loads(row[key])
-    return ModelVersion(**{**row, "tensor_keys": tuple(row["tensor_keys"])})
+        row[key] = None if row.get(key) is None else json.loads(row[key])
+    modules = tuple(tuple(m) for m in row.get("modules") or ())
+    return ModelVersion(**{**row, "tensor_keys": tuple(row["tensor_keys"]), "modules": modules})
+
+
+def row_from_version(mv: ModelVersion) -> dict:
+    """The index row of a record, JSON columns as text: version_from_row's inverse (Lesson 04, §7)."""
+    row = {key: getattr(mv, key) for key in ModelVersion.__dataclass_fields__}
+    for key in JSON_COLUMNS:
+        row[key] = None if row[key] is None else json.dumps(row[key], sort_keys=True)
+    row["tensor_keys"] = json.dumps(list(mv.tensor_keys))
+    row["modules"] = json.dumps([list(m) for m in mv.modules]) if mv.modules else None
+    return row
 
 
 def event_from_row(row) -> AliasEvent:
@@ -255,7 +338,7 @@ def event_from_row(row) -> AliasEvent:
 # -- helpers ------------------------------------------------------------------------------------------------------
 
 
-def _check_architecture(architecture: dict, state: dict[str, torch.Tensor]) -> None:
+def _check_architecture(architecture: dict, state: dict[str, torch.Tensor]) -> nn.Module:
     if (not isinstance(architecture, dict) or architecture.get("name") not in MODELS
             or not isinstance(architecture.get("kwargs", {}), dict) or set(architecture) - {"name", "kwargs"}):
         raise InvalidArgumentError(f"architecture must be {{'name': one of {sorted(MODELS)}, 'kwargs': {{...}}}} "
@@ -265,6 +348,13 @@ def _check_architecture(architecture: dict, state: dict[str, torch.Tensor]) -> N
     except TypeError as exc:  # a keyword the model's constructor does not take
         raise InvalidArgumentError(f"architecture {architecture!r} cannot be built: {exc}") from None
     check_state_dict_fits(model, state, f"the weights given for architecture {architecture_label(architecture)}")
+    return model
+
+
+def _plain(model: nn.Module) -> nn.Module:
+    """The model itself, out of a DataParallel/DDP wrapper (no 'module.' prefix, Lesson 05) or torch.compile's."""
+    model = unwrap(model)
+    return getattr(model, "_orig_mod", model)
 
 
 def _check_metrics(metrics: dict | None) -> dict[str, float]:

@@ -1,5 +1,7 @@
 """Lesson 04, §2-§3, §7: every bad input, damaged file and full disk gets an mvtk error naming what was wrong."""
+import contextlib
 import os
+import sqlite3
 import subprocess
 import sys
 
@@ -28,6 +30,69 @@ def test_a_damaged_index_is_a_registry_error_naming_the_file(three_versions):
     damage(root)
     with pytest.raises(RegistryError, match=r"index\.sqlite.*damaged or is not an SQLite database"):
         Registry(root)
+
+
+def blob_files(root) -> list:
+    return sorted(p for p in (root / "blobs").rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("create", [True, False])
+def test_an_emptied_index_beside_stored_weights_is_refused_not_taken_for_a_new_registry(three_versions, create):
+    root, blobs = three_versions.root, blob_files(three_versions.root)
+    three_versions.close()
+    (root / "index.sqlite").write_bytes(b"")  # a zero-byte index, as a failed copy or `> index.sqlite` leaves it
+    with pytest.raises(RegistryError, match=r"index\.sqlite' is empty.*damaged.*restore index\.sqlite from a backup"):
+        Registry(root, create=create)
+    assert (root / "index.sqlite").stat().st_size == 0 and blob_files(root) == blobs  # nothing changed
+
+
+def test_a_lost_index_beside_stored_weights_is_refused_not_recreated(three_versions):
+    root, blobs = three_versions.root, blob_files(three_versions.root)
+    three_versions.close()
+    (root / "index.sqlite").unlink()
+    with pytest.raises(RegistryError, match=r"index\.sqlite' is missing.*restore index\.sqlite from a backup"):
+        Registry(root)
+    assert not (root / "index.sqlite").exists() and blob_files(root) == blobs
+
+
+def test_create_false_refuses_an_empty_index_and_create_initialises_only_a_folder_without_weights(tmp_path):
+    root = tmp_path / "registry"
+    root.mkdir()
+    (root / "index.sqlite").write_bytes(b"")  # a first Registry() killed before its tables were written
+    with pytest.raises(RegistryError, match=r"no registry at .*index\.sqlite' is empty"):
+        Registry(root, create=False)
+    with Registry(root) as reg:  # nothing stored yet: a new registry, so it is initialised
+        assert reg.names() == [] and reg.check().ok
+
+
+def test_an_sqlite_file_of_another_program_is_not_taken_for_an_index(tmp_path):
+    root = tmp_path / "registry"
+    root.mkdir()
+    with contextlib.closing(sqlite3.connect(root / "index.sqlite")) as conn:
+        conn.execute("CREATE TABLE notes (text TEXT)")
+    with pytest.raises(RegistryError, match=r"index\.sqlite' is an SQLite file but not an mvtk registry index"):
+        Registry(root)
+
+
+def test_gc_refuses_to_delete_weights_when_the_index_records_no_version(three_versions):
+    root, blobs = three_versions.root, blob_files(three_versions.root)
+    with contextlib.closing(sqlite3.connect(root / "index.sqlite")) as conn, conn:  # emptied by hand
+        conn.execute("DELETE FROM versions")
+        conn.execute("DELETE FROM models")
+    with pytest.raises(RegistryError, match=r"gc refused: the index .*index\.sqlite' records no version.*nothing "
+                                            "was deleted"):
+        three_versions.gc()
+    assert blob_files(root) == blobs and len(blobs) == 3
+
+
+def test_an_emptied_index_on_the_command_line_is_one_line_and_exit_2(three_versions, repo_root):
+    root = three_versions.root
+    three_versions.close()
+    (root / "index.sqlite").write_bytes(b"")
+    for command in ("check", "list"):
+        result = run_cli(repo_root, "--root", str(root), command)
+        assert result.returncode == 2 and result.stdout == "" and result.stderr.count("\n") == 1, result.stderr
+        assert "RegistryError: registry index" in result.stderr and "is empty" in result.stderr
 
 
 # -- aliases and promote ----------------------------------------------------------------------------------------
@@ -167,8 +232,11 @@ def run_cli(repo_root, *argv):
     (["diff", "m", "1", "x/y"], "b must be a str that starts with a letter"),
     (["list", "a\nb"], "model name must be a str"),
     (["frobnicate"], "UsageError: argument COMMAND: invalid choice"),
+    (["alias", "m", "--remove"], "UsageError: alias NAME ALIAS --remove takes one alias and no version"),
+    (["alias", "m", "production", "1", "--remove"], "UsageError: alias NAME ALIAS --remove takes one alias"),
+    (["export", "--bundle", ""], "InvalidArgumentError: folder must be a str or os.PathLike"),
 ], ids=["unknown name", "huge version", "version not a number", "negative version", "bad alias", "bad diff ref",
-        "newline in name", "unknown command"])
+        "newline in name", "unknown command", "remove without alias", "remove with a version", "empty bundle path"])
 def test_a_mistake_on_the_command_line_is_one_line_and_exit_2(three_versions, repo_root, argv, expected):
     result = run_cli(repo_root, "--root", str(three_versions.root), *argv)
     assert result.returncode == 2 and result.stdout == "", result.stderr
@@ -190,3 +258,22 @@ def test_a_missing_root_on_the_command_line_is_one_line(tmp_path, repo_root):
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "RegistryError: no registry at" in result.stderr and "nowhere" in result.stderr
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_reader_that_stops_early_ends_the_command_line_quietly(three_versions, repo_root):
+    # `... export | head -c1`, made certain: the reading end is closed before anything is written
+    writer = subprocess.Popen([sys.executable, "-m", "mvtk.registry", "--root", str(three_versions.root), "export"],
+                              cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    writer.stdout.close()
+    err = writer.stderr.read().decode()
+    assert writer.wait(timeout=120) in (0, 141) and err == "", err
+
+
+def test_output_that_cannot_be_written_is_one_line_and_exit_2(three_versions, repo_root):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("SKIPPED LOUDLY: no /dev/full on this system to stand for a full disk")
+    with open("/dev/full", "w") as full:  # `... list > /dev/full`
+        result = subprocess.run([sys.executable, "-m", "mvtk.registry", "--root", str(three_versions.root), "list"],
+                                cwd=repo_root, stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: OSError: cannot write the output") and "No space left" in result.stderr

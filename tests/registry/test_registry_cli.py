@@ -110,3 +110,23 @@ def test_cli_lists_a_registry_when_run_as_a_module(three_versions, repo_root):
                             cwd=repo_root, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stderr == ""
     assert result.stdout == str(three_versions.table()) + "\n" and "production -> v2" in result.stdout
+
+
+def test_cli_export_never_writes_over_the_registrys_own_index(three_versions, capsys):
+    code, out, err = cli(capsys, three_versions, "export", "--output", str(three_versions.index))
+    assert code == 2 and not out and "is inside the registry folder" in err and err.count("\n") == 1
+    assert three_versions.names() == ["m"] and three_versions.check().ok
+    code, _, err = cli(capsys, three_versions, "export", "--bundle", str(three_versions.root / "blobs" / "b"), "m")
+    assert code == 2 and "is inside the registry folder" in err and not (three_versions.root / "blobs" / "b").exists()
+
+
+def test_cli_export_makes_no_missing_folder_and_replaces_another_file_only_with_force(three_versions, capsys,
+                                                                                      tmp_path):
+    code, _, err = cli(capsys, three_versions, "export", "--output", str(tmp_path / "nowhere" / "x.json"))
+    assert code == 2 and "nowhere' does not exist" in err and not (tmp_path / "nowhere").exists()
+    other = tmp_path / "notes.txt"
+    other.write_text("keep me")
+    code, _, err = cli(capsys, three_versions, "export", "--output", str(other))
+    assert code == 2 and "exists already" in err and "--force" in err and other.read_text() == "keep me"
+    code, out, _ = cli(capsys, three_versions, "export", "--output", str(other), "--force")
+    assert code == 0 and json.loads(other.read_text())["format"] == "mvtk-registry-index/1"

@@ -27,7 +27,8 @@ def test_describe_prints_every_field_on_its_own_line(registry, mlp):
     mv = registry.register("digits", mlp, metrics={"acc": 0.9}, notes="first")
     lines = mv.describe().splitlines()
     assert lines[0] == "digits v1" and "  metrics: {\"acc\": 0.9}" in lines and "  parent: -" in lines
-    assert len(lines) == 14 and lines[-1] == "  signature: -"  # unsigned: no signing key
+    assert len(lines) == 17 and lines[-1] == "  signature: -"  # unsigned: no signing key
+    assert "  class_path: mvtk.models:MLP" in lines and "  program_sha256: -" in lines
 
 
 def test_git_commit_of_the_working_tree_is_recorded(registry, mlp, tmp_path, monkeypatch):
@@ -67,9 +68,17 @@ def test_a_wrapped_model_is_registered_without_the_module_prefix(registry, mlp):
 
 
 def test_load_model_needs_a_recorded_architecture(registry):
-    registry.register("m", nn.Linear(4, 2))
+    registry.register("m", nn.Linear(4, 2).state_dict())  # the weights alone: no class, no arguments
     with pytest.raises(RegistryError, match="without an architecture"):
         registry.load_model("m")
+
+
+def test_a_torch_layer_is_rebuilt_from_the_attributes_it_keeps(registry):
+    layer = nn.Linear(4, 2)
+    mv = registry.register("m", layer)
+    assert (mv.class_path, mv.init_args) == ("torch.nn.modules.linear:Linear", {"in_features": 4, "out_features": 2})
+    loaded = registry.load_model("m")
+    assert type(loaded) is nn.Linear and torch.equal(loaded.weight, layer.weight)
 
 
 def test_register_refuses_weights_that_do_not_fit_the_architecture(registry, mlp):
