@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from mvtk.distributed.sharded import latest_folder, load_sharded, save_sharded
 from mvtk.errors import InvalidArgumentError, ParallelError, check_positive_int
 
-__all__ = ["FEATURES", "CLASSES", "RESTART_ENV", "LOG_NAME", "FINAL_NAME", "tiny_dataset", "tiny_model",
+__all__ = ["FEATURES", "CLASSES", "RESTART_ENV", "LOG_NAME", "FINAL_NAME", "tiny_dataset", "tiny_model", "training_parts",
            "train_steps", "read_log"]
 
 FEATURES, CLASSES = 16, 4
@@ -45,6 +45,16 @@ def tiny_model(seed: int = 0, hidden: int = 32) -> nn.Module:
     """A two-layer MLP with seeded weights: the same on every rank (Lesson 11, §1)."""
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(FEATURES, hidden), nn.ReLU(), nn.Linear(hidden, CLASSES))
+
+
+def training_parts(model: nn.Module, *, lr: float, steps: int, seed: int, samples: int, global_batch: int,
+                   world: int, rank: int):
+    """(SGD with momentum, cosine schedule, this rank's DistributedSampler, its loader) for the tiny run (Lesson 11, §2)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    data = tiny_dataset(samples, seed)
+    sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    return optimizer, schedule, sampler, DataLoader(data, batch_size=global_batch // world, sampler=sampler)
 
 
 def train_steps(*, steps: int = 12, global_batch: int = 32, lr: float = 0.2, seed: int = 0, samples: int = 128,
@@ -74,11 +84,8 @@ def train_steps(*, steps: int = 12, global_batch: int = 32, lr: float = 0.2, see
         Path(out).mkdir(parents=True, exist_ok=True)
     model = tiny_model(seed)
     net = DistributedDataParallel(model) if distributed else model
-    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    data = tiny_dataset(samples, seed)
-    sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=seed)
-    loader = DataLoader(data, batch_size=global_batch // world, sampler=sampler)
+    optimizer, schedule, sampler, loader = training_parts(net, lr=lr, steps=steps, seed=seed, samples=samples,
+                                                          global_batch=global_batch, world=world, rank=rank)
     per_epoch = samples // global_batch
     checkpoints = Path(out) / "ckpt" if save_every else None
     start = 0

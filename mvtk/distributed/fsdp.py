@@ -16,9 +16,8 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.utils.data import DataLoader, DistributedSampler
 
-from mvtk.distributed.elastic import tiny_dataset, tiny_model
+from mvtk.distributed.elastic import tiny_model, training_parts
 from mvtk.distributed.sharded import save_sharded
 from mvtk.errors import ParallelError, check_positive_int
 
@@ -67,11 +66,8 @@ def train_fsdp(*, steps: int = 6, global_batch: int = 32, lr: float = 0.2, seed:
         raise ParallelError(f"global_batch {global_batch} must divide over {world} ranks and {samples} samples")
     mesh = init_device_mesh("cpu", (world,))
     model = shard_model(tiny_model(seed), mesh)  # the same initial weights everywhere, then each keeps its rows
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    data = tiny_dataset(samples, seed)
-    sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=seed)
-    loader = DataLoader(data, batch_size=global_batch // world, sampler=sampler)
+    optimizer, schedule, sampler, loader = training_parts(model, lr=lr, steps=steps, seed=seed, samples=samples,
+                                                          global_batch=global_batch, world=world, rank=rank)
     per_epoch = samples // global_batch
     batches = None
     for step in range(steps):

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from mvtk.checkpoint import new_key, save_checkpoint
+from mvtk.checkpoint import (load_private_key, load_public_key, new_key, new_signing_key,
+                             save_checkpoint)
 from mvtk.data import make_loaders
 
 
@@ -35,3 +36,13 @@ def temp_file(tmp_path, dead_pid):
         path.write_bytes(b"partial")
         return path
     return make
+
+
+@pytest.fixture
+def keys(tmp_path):
+    """(private, public) of a fresh Ed25519 pair, then (private, public) of a second, unrelated pair."""
+    folder = tmp_path / "keys"
+    new_signing_key(folder / "private.pem", folder / "public.pem")
+    new_signing_key(folder / "other.pem", folder / "other.pub")
+    return (load_private_key(folder / "private.pem"), load_public_key(folder / "public.pem"),
+            load_private_key(folder / "other.pem"), load_public_key(folder / "other.pub"))

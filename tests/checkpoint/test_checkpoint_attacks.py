@@ -25,15 +25,6 @@ from mvtk.models import MLP
 KILLS = 12
 
 
-@pytest.fixture
-def keys(tmp_path):
-    """(private key, public key) of a fresh Ed25519 pair, and another pair's private key."""
-    new_signing_key(tmp_path / "keys" / "private.pem", tmp_path / "keys" / "public.pem")
-    new_signing_key(tmp_path / "keys" / "other.pem", tmp_path / "keys" / "other.pub")
-    return (load_private_key(tmp_path / "keys" / "private.pem"), load_public_key(tmp_path / "keys" / "public.pem"),
-            load_private_key(tmp_path / "keys" / "other.pem"))
-
-
 # --- 1: new_signing_key never destroys a key ------------------------------------------------
 
 @pytest.mark.parametrize("public", ["kk", "./kk", "sub/../kk"])
@@ -112,7 +103,7 @@ def kill_loop(tmp_path, target, args, check):
 
 @pytest.mark.parametrize("kind", ["checkpoint", "weights"])
 def test_sigkill_while_resaving_a_signed_file_leaves_it_verifiable(tmp_path, keys, kind):
-    private, public, _ = keys
+    private, public, _, _ = keys
     model = big_model()
     save = save_signed_checkpoint if kind == "checkpoint" else save_signed_weights
     path = tmp_path / ("m.pt" if kind == "checkpoint" else "m.safetensors")
@@ -140,7 +131,7 @@ def checkpoint_forever(dirpath, model, private, start, ready):
 
 @pytest.mark.parametrize("link", ["symlink", "hard link"])
 def test_sigkill_during_model_checkpoint_keeps_last_and_latest_verifiable(tmp_path, keys, monkeypatch, link):
-    private, public, _ = keys
+    private, public, _, _ = keys
     if link == "hard link":  # as on Windows without developer mode: last.pt.sig is a copy of its target's
         monkeypatch.setattr(os, "symlink", lambda *a, **k: (_ for _ in ()).throw(OSError("no symlinks")))
     run, model = tmp_path / "run", big_model()
@@ -167,7 +158,7 @@ def test_resaving_an_older_epoch_keeps_last_pointing_at_a_file(tmp_path, mlp):
 # --- 2 and 5: how a signature file reads ----------------------------------------------------
 
 def test_a_failed_signed_save_leaves_no_signature_behind(tmp_path, mlp, keys):
-    private, _, _ = keys
+    private, _, _, _ = keys
     (tmp_path / "dir.pt").mkdir()
     with pytest.raises(InvalidArgumentError, match="it is a folder"):
         save_checkpoint(tmp_path / "dir.pt", mlp, epoch=1, signing_key=private)
@@ -175,7 +166,7 @@ def test_a_failed_signed_save_leaves_no_signature_behind(tmp_path, mlp, keys):
 
 
 def test_a_failed_signed_resave_puts_the_signature_back(tmp_path, mlp, keys, monkeypatch):
-    private, public, _ = keys
+    private, public, _, _ = keys
     path = save_weights(tmp_path / "w.safetensors", mlp, signing_key=private)
     before = signature_path(path).read_bytes()
     monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on device")))
@@ -187,7 +178,7 @@ def test_a_failed_signed_resave_puts_the_signature_back(tmp_path, mlp, keys, mon
 
 
 def test_a_signature_with_several_records_needs_one_that_verifies_and_matches(tmp_path, mlp, keys):
-    private, public, other = keys
+    private, public, other, _ = keys
     path = save_checkpoint(tmp_path / "c.pt", mlp, epoch=1)
     digest = sha256_file(path)
     ckpt.write_signature(path, [ckpt.file_record("0" * 64, private), ckpt.file_record(digest, other)])
@@ -202,7 +193,7 @@ def test_a_signature_with_several_records_needs_one_that_verifies_and_matches(tm
 
 def test_a_signature_in_the_earlier_one_record_format_still_verifies(tmp_path, mlp, keys):
     import json
-    private, public, _ = keys
+    private, public, _, _ = keys
     path = save_checkpoint(tmp_path / "c.pt", mlp, epoch=1)
     record = ckpt.file_record(sha256_file(path), private)
     signature_path(path).write_text(json.dumps({"algorithm": "ed25519", **record}))
@@ -265,7 +256,7 @@ def test_a_bad_device_is_named_not_blamed_on_the_file(tmp_path, mlp, device, err
     ("fifo", "is not a regular file"),
 ])
 def test_a_signature_that_is_no_regular_file_is_named(tmp_path, mlp, keys, kind, match):
-    private, public, _ = keys
+    private, public, _, _ = keys
     path = save_checkpoint(tmp_path / "M.pt", mlp, epoch=1, signing_key=private)
     real = signature_path(path).rename(tmp_path / "elsewhere.sig")
     if kind == "symlink":

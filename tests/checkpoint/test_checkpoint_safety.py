@@ -28,15 +28,6 @@ SAVES_PER_WRITER = 20
 KILLS = 16
 
 
-@pytest.fixture
-def keys(tmp_path):
-    """(private key, public key) of a fresh Ed25519 pair, and a second pair's public key."""
-    new_signing_key(tmp_path / "keys" / "private.pem", tmp_path / "keys" / "public.pem")
-    new_signing_key(tmp_path / "keys" / "other.pem", tmp_path / "keys" / "other.pub")
-    return (load_private_key(tmp_path / "keys" / "private.pem"), load_public_key(tmp_path / "keys" / "public.pem"),
-            load_public_key(tmp_path / "keys" / "other.pub"))
-
-
 def global_rng():
     """What the next draw of each global RNG would be, without consuming it."""
     states = torch.get_rng_state(), random.getstate(), np.random.get_state()
@@ -187,7 +178,7 @@ def test_latest_checkpoint_finds_an_epoch_saved_after_the_last_pointer(tmp_path,
 
 
 def test_latest_checkpoint_skips_a_damaged_newer_file_and_signatures(tmp_path, mlp, keys):
-    private, public, _ = keys
+    private, public, _, _ = keys
     checkpointer = ModelCheckpoint(tmp_path, mlp, save_top_k=-1, keep_last=-1, signing_key=private)
     for epoch in (1, 2):
         checkpointer(epoch, {"val_loss": [1.0 / epoch]})
@@ -252,7 +243,7 @@ def edit_and_reseal(path):
 
 
 def test_an_edited_and_resealed_checkpoint_passes_the_checksum_and_fails_the_signature(tmp_path, mlp, keys):
-    private, public, _ = keys
+    private, public, _, _ = keys
     path = save_checkpoint(tmp_path / "c.pt", mlp, epoch=1, signing_key=private)
     assert ckpt.signature_path(path).is_file()
     assert load_checkpoint(path, MLP(hidden=16), verify_key=public)["epoch"] == 1
@@ -268,7 +259,7 @@ def test_an_edited_and_resealed_checkpoint_passes_the_checksum_and_fails_the_sig
 
 
 def test_a_missing_or_foreign_signature_is_refused(tmp_path, mlp, keys, key):
-    private, public, other_public = keys
+    private, public, _, other_public = keys
     path = save_checkpoint(tmp_path / "c.pt", mlp, epoch=1, signing_key=private)
     with pytest.raises(SignatureError, match="does not match key"):
         load_checkpoint(path, verify_key=other_public)
@@ -283,7 +274,7 @@ def test_a_missing_or_foreign_signature_is_refused(tmp_path, mlp, keys, key):
 
 
 def test_a_planted_pickle_is_refused_by_the_signature_before_anything_is_unpickled(tmp_path, planted, keys):
-    _, public, _ = keys
+    _, public, _, _ = keys
     evil, marker = planted
     sealed = tmp_path / "sealed_evil.pt"
     sealed.write_bytes(ckpt.seal(evil.read_bytes()))
@@ -294,7 +285,7 @@ def test_a_planted_pickle_is_refused_by_the_signature_before_anything_is_unpickl
 
 def test_signed_weights_detect_an_edit_the_checksum_cannot(tmp_path, mlp, keys):
     import safetensors.torch
-    private, public, _ = keys
+    private, public, _, _ = keys
     path = save_weights(tmp_path / "w.safetensors", mlp, signing_key=private)
     assert load_weights(path, MLP(hidden=16), verify_key=public)["model_class"] == "MLP"
     tensors = safetensors.torch.load_file(path)  # edit, then re-seal with the public weights_digest
@@ -310,7 +301,7 @@ def test_signed_weights_detect_an_edit_the_checksum_cannot(tmp_path, mlp, keys):
 
 
 def test_model_checkpoint_signs_and_prunes_signatures(tmp_path, mlp, keys):
-    private, public, _ = keys
+    private, public, _, _ = keys
     checkpointer = ModelCheckpoint(tmp_path / "run", mlp, save_top_k=1, keep_last=1, signing_key=private)
     for epoch, loss in ((1, 0.5), (2, 0.6), (3, 0.7)):
         checkpointer(epoch, {"val_loss": [loss]})
@@ -322,7 +313,7 @@ def test_model_checkpoint_signs_and_prunes_signatures(tmp_path, mlp, keys):
 
 
 def test_bad_signing_keys_are_named(tmp_path, mlp, keys):
-    _, public, _ = keys
+    _, public, _, _ = keys
     with pytest.raises(InvalidArgumentError, match="signing_key must be an Ed25519 private key"):
         save_checkpoint(tmp_path / "c.pt", mlp, epoch=1, signing_key=public)
     with pytest.raises(InvalidArgumentError, match="verify_key must be an Ed25519 public key"):
