@@ -74,3 +74,21 @@ def full_disk(tmp_path):
         yield folder
     finally:
         subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.fixture
+def put_in_the_way(tmp_path):
+    """put_in_the_way(path, intruder): replace a file by a folder, a symlink to a good copy elsewhere, or a fifo."""
+    def replace(path: Path, intruder: str) -> None:
+        data = path.read_bytes()
+        path.unlink()
+        if intruder == "folder":
+            path.mkdir()
+        elif intruder == "symlink":
+            elsewhere = tmp_path / "elsewhere" / path.name
+            elsewhere.parent.mkdir(exist_ok=True)
+            elsewhere.write_bytes(data)
+            path.symlink_to(elsewhere)
+        else:
+            os.mkfifo(path)
+    return replace

@@ -539,38 +539,25 @@ def test_an_integer_input_is_served_with_its_own_dtype(tmp_path):
 # -- a manifest path that is not a regular file is never "no manifest" ---------------------------------------------
 
 
-def put_in_the_way(manifest, intruder, tmp_path):
-    """Replace a manifest by a folder, a symlink to a matching copy elsewhere, or a fifo."""
-    text = manifest.read_text()
-    manifest.unlink()
-    if intruder == "folder":
-        manifest.mkdir()
-    elif intruder == "symlink":
-        (tmp_path / "elsewhere").mkdir()
-        (tmp_path / "elsewhere" / manifest.name).write_text(text)
-        manifest.symlink_to(tmp_path / "elsewhere" / manifest.name)
-    else:
-        os.mkfifo(manifest)
-
-
 INTRUDERS = ["folder", "symlink", "fifo"]
 
 
 @pytest.mark.parametrize("intruder", INTRUDERS)
-def test_a_pt2_whose_manifest_is_not_a_regular_file_is_refused_not_loaded_unverified(tmp_path, intruder):
+def test_a_pt2_whose_manifest_is_not_a_regular_file_is_refused_not_loaded_unverified(tmp_path, intruder,
+                                                                                     put_in_the_way):
     path = saved_pt2(tmp_path)
-    put_in_the_way(export.manifest_path(path), intruder, tmp_path)
+    put_in_the_way(export.manifest_path(path), intruder)
     with pytest.raises(IntegrityError, match=r"m\.pt2\.sha256' should be the SHA-256 manifest of m\.pt2 but is a"):
         export.load_exported(path)
 
 
 @pytest.mark.parametrize("intruder", INTRUDERS)
 def test_an_onnx_file_whose_manifest_is_not_a_regular_file_is_refused_not_used_unverified(exported, tmp_path,
-                                                                                        intruder):
+                                                                                        intruder, put_in_the_way):
     path = tmp_path / "m.onnx"
     path.write_bytes(exported["mlp"][1].read_bytes())
     export.write_manifest(path)
-    put_in_the_way(export.manifest_path(path), intruder, tmp_path)
+    put_in_the_way(export.manifest_path(path), intruder)
     for use in (export.verify_manifest, export.check_onnx, export.load_session, export.describe_onnx,
                 export.Predictor):
         with pytest.raises(IntegrityError, match=r"m\.onnx\.sha256' should be the SHA-256 manifest of m\.onnx"):

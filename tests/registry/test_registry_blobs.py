@@ -73,26 +73,12 @@ def test_a_live_writers_temp_file_is_neither_reported_nor_removed(registry, mlp)
         writer.wait()
 
 
-def put_in_the_way(blob, intruder, tmp_path):
-    """Replace a blob file by a folder, a symlink to a good copy elsewhere, or a fifo."""
-    data = blob.read_bytes()
-    blob.unlink()
-    if intruder == "folder":
-        blob.mkdir()
-    elif intruder == "symlink":
-        elsewhere = tmp_path / "elsewhere.safetensors"
-        elsewhere.write_bytes(data)
-        blob.symlink_to(elsewhere)
-    else:
-        os.mkfifo(blob)
-
-
 @pytest.mark.parametrize("intruder", ["folder", "symlink", "fifo"])
 def test_something_else_where_a_blob_should_be_is_reported_and_replaced_by_registering_again(
-        registry, seeded_mlp, tmp_path, intruder):
+        registry, seeded_mlp, tmp_path, intruder, put_in_the_way):
     mv = registry.register("m", seeded_mlp(0))
     blob = registry.blob_path(mv.sha256)
-    put_in_the_way(blob, intruder, tmp_path)
+    put_in_the_way(blob, intruder)
     assert registry.check().corrupt == ("m v1",)
     with pytest.raises(RegistryError, match=f"{blob.name} in registry .* is a .*not a regular file"):
         registry.load("m", 1)
@@ -100,7 +86,7 @@ def test_something_else_where_a_blob_should_be_is_reported_and_replaced_by_regis
     assert stat.S_ISREG(os.lstat(blob).st_mode) and registry.check().ok
     assert registry.load("m", 1).keys() == seeded_mlp(0).state_dict().keys()
     if intruder == "symlink":
-        assert (tmp_path / "elsewhere.safetensors").read_bytes() == blob.read_bytes()  # the link's target untouched
+        assert (tmp_path / "elsewhere" / blob.name).read_bytes() == blob.read_bytes()  # the link's target untouched
 
 
 def test_a_folder_holding_files_where_a_blob_should_be_is_refused_naming_it(registry, seeded_mlp):
