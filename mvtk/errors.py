@@ -42,7 +42,7 @@ class CheckpointError(MvtkError):
 
 
 class IntegrityError(CheckpointError):
-    """A file's SHA-256 checksum does not match the one recorded when it was saved (Lesson 03)."""
+    """A file's checksum (BLAKE3 or SHA-256) does not match the one recorded when it was saved (Lesson 03)."""
 
 
 class SignatureError(IntegrityError):

@@ -1,23 +1,36 @@
-"""What every checkpoint file needs: writing atomically with clear errors, and the plain-value checks (Lesson 03).
+"""What every checkpoint file needs: atomic writes with clear errors, hashing, plain-value checks (Lesson 03).
 
 The lowest file of `mvtk.checkpoint`: core, weights and periodic all write through `writing`, so a
-full disk or a read-only folder reads the same whichever kind of file was being saved.
+full disk or a read-only folder reads the same whichever kind of file was being saved. Checksums
+and signatures name their hash in a labelled digest, `"blake3:<hex>"` or `"sha256:<hex>"`: BLAKE3
+(a cryptographic hash, multi-threaded for large inputs) is what mvtk writes now; SHA-256 is what
+files from earlier versions carry, and they still verify.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Iterator
 
+import blake3
 import torch
 
 from mvtk import files
 from mvtk.env import available_devices
 from mvtk.errors import CheckpointError, DeviceUnavailableError, InvalidArgumentError
+from mvtk.files import sha256_file
 from mvtk.train import History
 
-__all__ = ["check_device", "check_name", "first_line", "history_dict", "plain_dict", "writing"]
+__all__ = ["HASHES", "check_device", "check_digest", "check_name", "digest_bytes", "digest_file", "first_line",
+           "history_dict", "new_hasher", "plain_dict", "writing"]
+
+HASHES = ("blake3", "sha256")      # what a labelled digest may name: what mvtk writes now, then what it wrote before
+HEX_DIGEST = re.compile(r"[0-9a-f]{64}")  # both give 32 bytes, written as 64 lowercase hex digits
+THREADED_FROM = 1 << 20            # BLAKE3 hashes inputs of this many bytes or more on every core
+_pool_pid: int | None = None       # the process whose BLAKE3 thread pool is running (a forked child has none)
 
 
 def check_name(value, name: str = "name", *, optional: bool = False) -> str | None:
@@ -50,6 +63,55 @@ def check_device(value, name: str = "device") -> torch.device:
         raise DeviceUnavailableError(f"{name} {value!r} was asked for but this machine has "
                                      f"{torch.accelerator.device_count()} {device.type} device(s)")
     return device
+
+
+def new_hasher(algorithm: str = "blake3", size: int = 0):
+    """A hashlib-style hasher for `algorithm` ("blake3" or "sha256"), threaded for `size` >= 1 MiB (Lesson 03, §6).
+
+    BLAKE3 hashes a large input on all cores (blake3's shared thread pool); in a process forked from
+    one that used that pool (the pool's threads are not copied), it hashes on one thread instead.
+    """
+    global _pool_pid
+    if algorithm == "sha256":
+        return hashlib.sha256()
+    if algorithm != "blake3":
+        raise InvalidArgumentError(f"algorithm must be one of {HASHES}, got {algorithm!r}")
+    if size < THREADED_FROM or _pool_pid not in (None, os.getpid()):
+        return blake3.blake3()
+    _pool_pid = os.getpid()
+    return blake3.blake3(max_threads=blake3.blake3.AUTO)
+
+
+def digest_bytes(data, algorithm: str = "blake3") -> str:
+    """The labelled digest of bytes-like `data`, e.g. "blake3:<64 hex digits>" (Lesson 03, §6)."""
+    hasher = new_hasher(algorithm, len(memoryview(data).cast("B")))
+    hasher.update(data)
+    return f"{algorithm}:{hasher.hexdigest()}"
+
+
+def digest_file(path: str | os.PathLike, algorithm: str = "blake3") -> str:
+    """The labelled digest of a file's bytes, read through a memory map (BLAKE3) or in chunks (Lesson 03, §7)."""
+    if algorithm == "sha256":
+        return f"sha256:{sha256_file(path)}"
+    if not Path(path).is_file():
+        raise InvalidArgumentError(f"cannot hash {str(path)!r}: no such file")
+    hasher = new_hasher(algorithm, os.path.getsize(path))
+    hasher.update_mmap(path)
+    return f"{algorithm}:{hasher.hexdigest()}"
+
+
+def check_digest(value, name: str = "digest") -> tuple[str, str]:
+    """(algorithm, hex) of a labelled digest "blake3:<hex>" or "sha256:<hex>" (Lesson 03, §7).
+
+    64 bare hex digits are read as a SHA-256, as earlier versions of mvtk passed them.
+    """
+    if isinstance(value, str) and HEX_DIGEST.fullmatch(value):
+        return "sha256", value
+    algorithm, _, hex_digits = value.partition(":") if isinstance(value, str) else ("", "", "")
+    if algorithm not in HASHES or not HEX_DIGEST.fullmatch(hex_digits):
+        raise InvalidArgumentError(f"{name} must be a labelled digest such as 'blake3:' or 'sha256:' followed by 64 "
+                                   f"lowercase hex digits, got {value!r}")
+    return algorithm, hex_digits
 
 
 @contextlib.contextmanager

@@ -1,9 +1,11 @@
 """Save, load and verify a full training checkpoint: exact resume, safe loading, integrity (Lesson 03, §2, §4, §6).
 
 A checkpoint is one file written by `torch.save` (a zip archive) that holds only tensors and plain
-Python values, so `torch.load(path, weights_only=True)` opens it. `save_checkpoint` records the
-SHA-256 of those bytes in the zip's comment (the last bytes of the file) and writes atomically;
-`load_checkpoint` verifies the checksum before anything is unpickled, and never unpickles code.
+Python values, so `torch.load(path, weights_only=True)` opens it. `save_checkpoint` records a
+checksum of those bytes in the zip's comment (the last bytes of the file) and writes atomically:
+`mvtk-blake3:<hex>` since format version 2 (BLAKE3, a cryptographic hash that runs on every core),
+`mvtk-sha256:<hex>` in files of version 1, which still load. `load_checkpoint` verifies the
+checksum before anything is unpickled, and never unpickles code.
 
 The checksum detects accidental corruption (a bad disk, a cut copy), not deliberate edits: anyone
 can re-seal edited bytes with `seal()`. For tamper evidence, save with `signing_key=` (an Ed25519
@@ -16,7 +18,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
-import hashlib
 import io
 import mmap
 import os
@@ -31,13 +32,13 @@ from torch import nn
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from mvtk.checkpoint._io import check_device, check_name, first_line, history_dict, plain_dict, writing
+from mvtk.checkpoint._io import (HASHES, check_device, check_name, digest_bytes, first_line, history_dict, new_hasher,
+                                 plain_dict, writing)
 from mvtk.checkpoint.crypto import ENCRYPTED_MAGIC, check_key, decrypt_bytes, encrypt_bytes, encrypted_for
 from mvtk.checkpoint.signing import check_signing_key, check_verify_key, replacing_signed, verify_file
 from mvtk.env import git_commit, utc_now
 from mvtk.errors import (ArchitectureMismatchError, CheckpointError, DecryptionError, IntegrityError,
                          InvalidArgumentError, check_int, check_module, check_bytes, check_path)
-from mvtk.files import sha256_bytes
 from mvtk.train import History
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "check_plain", "check_state_dict_fits", "checkpoint_payload",
@@ -45,9 +46,10 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "check_plain", "check_state_dict_fits", "
            "unseal"]
 
 FORMAT = "mvtk-checkpoint"         # payload["format"]: tells an mvtk checkpoint from any other torch file
-FORMAT_VERSION = 1
-SEAL_PREFIX = b"mvtk-sha256:"      # the zip comment is this prefix + 64 hex digits
-SEAL_LEN = len(SEAL_PREFIX) + 64
+FORMAT_VERSION = 2                 # 2: sealed with BLAKE3; 1: with SHA-256 (still read)
+SEAL_PREFIXES = {f"mvtk-{name}:".encode(): name for name in HASHES}  # the zip comment: a prefix + 64 hex digits
+SEAL_LEN = 12 + 64                 # both prefixes are 12 bytes long
+HASH_LABELS = {"blake3": "BLAKE3", "sha256": "SHA-256"}  # how messages name them
 ZIP_MAGIC, EOCD_MAGIC = b"PK\x03\x04", b"PK\x05\x06"  # start of a zip file; its end-of-directory record
 STATE_KEYS = ("model", "optimizer", "scheduler", "rng")  # what load_checkpoint restores, not returns
 PLAIN = (str, int, float, bool, bytes, type(None))
@@ -64,10 +66,10 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
                     signing_key: Ed25519PrivateKey | None = None) -> Path:
     """Write model, optimiser, scheduler, progress and RNG states to one file, atomically (Lesson 03, §2).
 
-    The file replaces `path` only once complete; the SHA-256 of its bytes is stored in it (it detects
-    accidental corruption, not deliberate edits). With `key`, the file is AES-GCM encrypted for the
-    model `name` (default: the model's class name) (Lesson 03, §7). With `signing_key` (an Ed25519
-    private key, `load_private_key`), the file's SHA-256 is signed into `path.sig`; re-saving over a
+    The file replaces `path` only once complete; the BLAKE3 digest of its bytes is stored in it (it
+    detects accidental corruption, not deliberate edits). With `key`, the file is AES-GCM encrypted for
+    the model `name` (default: the model's class name) (Lesson 03, §7). With `signing_key` (an Ed25519
+    private key, `load_private_key`), the file's BLAKE3 digest is signed into `path.sig`; re-saving over a
     signed file goes through `replacing_signed`, so a crash at any instant leaves the file on disk,
     old or new, with a signature that verifies it.
     Abandoned temporary files of earlier saves of `path` that were interrupted (their process has exited)
@@ -85,7 +87,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     *parts, digest = _seal_parts(buffer.getbuffer())  # written as they are: no copy of a large model's bytes
     if key is not None:
         parts = [encrypt_bytes(b"".join(parts), key, name if name is not None else type(model).__name__)]
-        digest = sha256_bytes(parts[0])
+        digest = digest_bytes(parts[0])
     signed = contextlib.nullcontext() if signing_key is None else replacing_signed(path, signing_key, digest)
     with signed, writing(path) as tmp:
         with open(tmp, "wb") as handle:
@@ -182,7 +184,8 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None, opt
 
     `verify_key` (an Ed25519 public key, `load_public_key`) requires a signature `path.sig` made
     with its private key; it is checked on the bytes read, before anything is unpickled
-    (SignatureError if it is missing or does not match).
+    (SignatureError if it is missing or does not match). Files of format version 1 (sealed and
+    signed with SHA-256) verify as before.
 
     `key` is the AES key of an encrypted file (`load_key()`); a key given for a file that is not
     encrypted is refused (DecryptionError), so a plain file cannot be swapped in for an encrypted
@@ -247,8 +250,9 @@ def read_checkpoint(path: str | os.PathLike, *, map_location="cpu", key: bytes |
     """The whole verified payload of a checkpoint (states and metadata), loaded safely (Lesson 03, §6).
 
     `key`, `name` and `verify_key` as for load_checkpoint: with a key, the file must be encrypted;
-    with a verify_key, it must be signed. The file is read once: its bytes in memory are hashed,
-    the hash checked (and the signature), then the same bytes are loaded.
+    with a verify_key, it must be signed. The file is read once: its bytes are memory-mapped and
+    hashed (BLAKE3 on every core; SHA-256 for a version-1 file), the checksum checked (and the
+    signature), then torch.load maps the same file, so the tensors are not copied again.
     """
     check_path(path)
     if key is not None:
@@ -265,7 +269,7 @@ def read_checkpoint(path: str | os.PathLike, *, map_location="cpu", key: bytes |
             if key is None:
                 raise DecryptionError(f"checkpoint {source!r} is encrypted: pass key= (mvtk.checkpoint.load_key())")
             if verify_key is not None:
-                verify_file(signed, verify_key, sha256=sha256_bytes(data))
+                verify_file(signed, verify_key, data=data)
             whole = bytes(data)
             sealed = decrypt_bytes(whole, key, name, source=source)
             encrypted_name = encrypted_for(whole, source=source)
@@ -277,7 +281,7 @@ def read_checkpoint(path: str | os.PathLike, *, map_location="cpu", key: bytes |
         else:
             digest = _unseal(data, source)  # one pass over the bytes gives the sealed hash and the file's hash
             if verify_key is not None:
-                verify_file(signed, verify_key, sha256=digest)
+                verify_file(signed, verify_key, digest=digest, data=data)
             # Verified: now torch maps the very file just hashed (same inode), so nothing is read twice.
             payload = _torch_load(same_file, source, map_location, mmap=True)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -292,31 +296,36 @@ def read_checkpoint(path: str | os.PathLike, *, map_location="cpu", key: bytes |
     return payload
 
 
-def seal(data: bytes) -> bytes:
-    """torch.save bytes with their SHA-256 written into the zip comment at the end (Lesson 03, §6).
+def seal(data: bytes, algorithm: str = "blake3") -> bytes:
+    """torch.save bytes with their checksum written into the zip comment at the end (Lesson 03, §6).
 
+    `algorithm` "blake3" is what save_checkpoint writes; "sha256" writes the seal of format version 1.
     This detects accidental corruption only: anyone who edits a file can seal it again. Signatures
     (`save_checkpoint(..., signing_key=)`) detect deliberate edits.
     """
-    return b"".join(_seal_parts(memoryview(check_bytes(data, "data")))[:2])
+    if algorithm not in HASHES:
+        raise InvalidArgumentError(f"algorithm must be one of {HASHES}, got {algorithm!r}")
+    return b"".join(_seal_parts(memoryview(check_bytes(data, "data")), algorithm)[:2])
 
 
-def _seal_parts(view: memoryview) -> tuple[memoryview, bytes, str]:
-    """(the archive up to its comment-length field, that field + the comment, the whole file's SHA-256)."""
+def _seal_parts(view: memoryview, algorithm: str = "blake3") -> tuple[memoryview, bytes, str]:
+    """(the archive up to its comment-length field, that field + the comment, the whole file's labelled digest)."""
     if len(view) < 22 or bytes(view[-22:-18]) != EOCD_MAGIC or bytes(view[-2:]) != b"\x00\x00":
         raise InvalidArgumentError("seal() expects the bytes of a torch.save zip archive with no comment")
     body = view[:-2]
-    hasher = hashlib.sha256(body)
-    comment = SEAL_PREFIX + hasher.hexdigest().encode("ascii")
+    hasher = new_hasher(algorithm, len(body))
+    hasher.update(body)
+    comment = f"mvtk-{algorithm}:{hasher.hexdigest()}".encode("ascii")
     tail = len(comment).to_bytes(2, "little") + comment
     hasher.update(tail)
-    return body, tail, hasher.hexdigest()
+    return body, tail, f"{algorithm}:{hasher.hexdigest()}"
 
 
 def unseal(data: bytes, source: str = "data") -> bytes:
-    """Check the SHA-256 seal() wrote; clear errors for empty, foreign, cut or changed files (Lesson 03, §6).
+    """Check the checksum seal() wrote; clear errors for empty, foreign, cut or changed files (Lesson 03, §6).
 
-    Returns `data` itself, unchanged (comment included), when the check passes: torch.load ignores the comment.
+    The seal is BLAKE3, or SHA-256 in a file of format version 1. Returns `data` itself, unchanged
+    (comment included), when the check passes: torch.load ignores the comment.
     The check detects accidental corruption; it is no tamper check, as anyone can seal() edited bytes.
     """
     _unseal(check_bytes(data, "data"), check_name(source, "source"))
@@ -324,29 +333,31 @@ def unseal(data: bytes, source: str = "data") -> bytes:
 
 
 def _unseal(data: bytes, source: str) -> str:
-    """unseal()'s check; returns the SHA-256 of the whole file, computed in the same pass."""
+    """unseal()'s check; returns the whole file's labelled digest, computed in the same pass."""
     if not data:
         raise CheckpointError(f"checkpoint {source!r} is empty (0 bytes): the save that wrote it never finished")
     if bytes(data[:len(ZIP_MAGIC)]) != ZIP_MAGIC:
         raise CheckpointError(f"{source!r} is not a checkpoint: a torch.save file is a zip archive, "
                               f"this one starts with {bytes(data[:8])!r}")
     comment = bytes(data[-SEAL_LEN:])
-    if not comment.startswith(SEAL_PREFIX) or bytes(data[-SEAL_LEN - 22:-SEAL_LEN - 18]) != EOCD_MAGIC:
+    algorithm = SEAL_PREFIXES.get(comment[:SEAL_LEN - 64])
+    if algorithm is None or bytes(data[-SEAL_LEN - 22:-SEAL_LEN - 18]) != EOCD_MAGIC:
         if bytes(data[-22:-18]) == EOCD_MAGIC and bytes(data[-2:]) == b"\x00\x00":
-            raise CheckpointError(f"{source!r} has no SHA-256 record: it was written by torch.save, not "
+            raise CheckpointError(f"{source!r} has no checksum record: it was written by torch.save, not "
                                   "save_checkpoint; open it with torch.load(path, weights_only=True)")
-        raise CheckpointError(f"checkpoint {source!r} is truncated (or damaged at its end): the SHA-256 record "
+        raise CheckpointError(f"checkpoint {source!r} is truncated (or damaged at its end): the checksum record "
                               "save_checkpoint writes last is missing; use an earlier checkpoint")
-    recorded = bytes(comment[len(SEAL_PREFIX):]).decode("ascii", errors="replace")
-    hasher = hashlib.sha256(memoryview(data)[:-SEAL_LEN - 2])  # the bytes before the comment's length field
+    recorded = comment[SEAL_LEN - 64:].decode("ascii", errors="replace")
+    hasher = new_hasher(algorithm, len(data))
+    hasher.update(memoryview(data)[:-SEAL_LEN - 2])  # the bytes before the comment's length field
     actual = hasher.hexdigest()
     if actual != recorded:
-        error = IntegrityError(f"checkpoint {source!r} failed its SHA-256 check: its bytes changed after it was "
-                               "saved (a damaged disk or copy); do not use it")
+        error = IntegrityError(f"checkpoint {source!r} failed its {HASH_LABELS[algorithm]} check: its bytes changed "
+                               "after it was saved (a damaged disk or copy); do not use it")
         error.recorded, error.actual = recorded, actual
         raise error
     hasher.update(memoryview(data)[-SEAL_LEN - 2:])
-    return hasher.hexdigest()
+    return f"{algorithm}:{hasher.hexdigest()}"
 
 
 def check_state_dict_fits(model: nn.Module, state: dict, source: str = "state_dict") -> None:

@@ -1,11 +1,12 @@
 """Tamper evidence: Ed25519 signatures of files and statements with a key the attacker lacks (Lesson 03, §7).
 
-A SHA-256 inside a file detects accidental corruption only: whoever edits the file can compute and
+A checksum inside a file detects accidental corruption only: whoever edits the file can compute and
 store a new one. A signature made with a private key can be checked by anyone with the public key,
 and cannot be re-made after an edit without the private key. A signed file `f` gets a detached
-`f.sig`: JSON holding the algorithm and a list of records, each the SHA-256 of a content of `f`,
-the signing key's id and the signature of that SHA-256. `verify_file` accepts `f` if its SHA-256
-is that of a record whose signature verifies. Normally there is one record; `replacing_signed`
+`f.sig`: JSON holding the algorithm and a list of records, each the digest of a content of `f`
+(under the key "blake3", what mvtk writes now, or "sha256", what earlier versions wrote), the
+signing key's id and the signature of that digest. `verify_file` accepts `f` if its digest is
+that of a record whose signature verifies. Normally there is one record; `replacing_signed`
 (how save_checkpoint and save_weights re-save a signed file) briefly holds two, so that a crash at
 any instant leaves the file on disk with a record that verifies it. What a signature does not do:
 hide the content (that is encryption), or help once the private key leaks.
@@ -28,18 +29,17 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from mvtk import files
-from mvtk.checkpoint._io import writing
+from mvtk.checkpoint._io import HASHES, check_digest, digest_bytes, digest_file, writing
 from mvtk.errors import InvalidArgumentError, SignatureError, check_path
-from mvtk.files import sha256_file
 
 __all__ = ["SIGNATURE_SUFFIX", "check_signing_key", "check_verify_key", "file_record", "key_id", "load_private_key",
-           "load_public_key", "new_signing_key",
+           "load_public_key", "new_signing_key", "record_digest",
            "read_signature", "replacing_signed", "sign_file", "sign_statement", "signature_path", "verify_file",
            "verify_statement", "write_signature"]
 
 SIGNATURE_SUFFIX = ".sig"          # model.pt is signed by model.pt.sig
 ALGORITHM = "ed25519"
-FILE_CONTEXT = b"mvtk-file-sha256:"  # what a file signature signs: this prefix + the file's SHA-256 (hex)
+FILE_CONTEXT = "mvtk-file-{}:"     # a file signature signs this ("mvtk-file-blake3:") + the file's digest (hex)
 
 
 def new_signing_key(private_path: str | os.PathLike, public_path: str | os.PathLike) -> tuple[Path, Path]:
@@ -144,33 +144,37 @@ def signature_path(path: str | os.PathLike) -> Path:
     return path.with_name(path.name + SIGNATURE_SUFFIX)
 
 
-def file_record(sha256: str, private_key: Ed25519PrivateKey) -> dict:
-    """One signed record of a `.sig` file: the SHA-256 (hex), the key's id and the signature (Lesson 03, §7)."""
-    if not isinstance(private_key, Ed25519PrivateKey):
-        raise InvalidArgumentError(f"private_key must be an Ed25519 private key (load_private_key), "
-                                   f"got {type(private_key).__name__}")
-    if not isinstance(sha256, str) or len(sha256) != 64:
-        raise InvalidArgumentError(f"sha256 must be 64 hex digits, got {sha256!r}")
-    return {"sha256": sha256, "key_id": key_id(private_key),
-            "signature": sign_statement(FILE_CONTEXT + sha256.encode(), private_key)}
+def file_record(digest: str, private_key: Ed25519PrivateKey) -> dict:
+    """One signed record of a `.sig` file: the digest, the key's id and the signature (Lesson 03, §7).
 
-
-def sign_file(path: str | os.PathLike, private_key: Ed25519PrivateKey, *, sha256: str | None = None) -> Path:
-    """Sign the file's SHA-256 and write the signature beside it as `path.sig`, atomically (Lesson 03, §7).
-
-    Pass `sha256` when the caller has just hashed the bytes it wrote (no second read of the file).
-    To replace a signed file, use `replacing_signed`, which never leaves the file without a valid signature.
+    `digest` is labelled, "blake3:<hex>" or "sha256:<hex>" (64 bare hex digits: a SHA-256); the
+    record holds the hex under the hash's name, and the signature covers both.
     """
     if not isinstance(private_key, Ed25519PrivateKey):
         raise InvalidArgumentError(f"private_key must be an Ed25519 private key (load_private_key), "
                                    f"got {type(private_key).__name__}")
-    digest = sha256 if sha256 is not None else sha256_file(check_path(path))
+    algorithm, hex_digits = check_digest(digest, "digest")
+    return {algorithm: hex_digits, "key_id": key_id(private_key),
+            "signature": sign_statement(_statement(algorithm, hex_digits), private_key)}
+
+
+def sign_file(path: str | os.PathLike, private_key: Ed25519PrivateKey, *, digest: str | None = None) -> Path:
+    """Sign the file's BLAKE3 digest and write the signature beside it as `path.sig`, atomically (Lesson 03, §7).
+
+    Pass `digest` ("blake3:<hex>") when the caller has just hashed the bytes it wrote (no second
+    read of the file). To replace a signed file, use `replacing_signed`, which never leaves the
+    file without a valid signature.
+    """
+    if not isinstance(private_key, Ed25519PrivateKey):
+        raise InvalidArgumentError(f"private_key must be an Ed25519 private key (load_private_key), "
+                                   f"got {type(private_key).__name__}")
+    digest = digest if digest is not None else digest_file(check_path(path))
     return write_signature(path, [file_record(digest, private_key)])
 
 
 @contextlib.contextmanager
-def replacing_signed(path: str | os.PathLike, private_key: Ed25519PrivateKey, sha256: str) -> Iterator[None]:
-    """Around an atomic replacement of `path` by content of SHA-256 `sha256`: keep it verifiable throughout (Lesson 03, §7).
+def replacing_signed(path: str | os.PathLike, private_key: Ed25519PrivateKey, digest: str) -> Iterator[None]:
+    """Around an atomic replacement of `path` by content of `digest`: keep it verifiable throughout (Lesson 03, §7).
 
     Two files cannot be replaced in one atomic step, so the signature goes through three states,
     each written atomically: before the block, `path.sig` holds the records that verify the file
@@ -180,7 +184,7 @@ def replacing_signed(path: str | os.PathLike, private_key: Ed25519PrivateKey, sh
     matters until the next save (it verifies the previous content, which was signed anyway). If the
     block raises, the previous `path.sig` is put back.
     """
-    new = file_record(sha256, private_key)
+    new = file_record(digest, private_key)
     sig = signature_path(path)
     try:
         previous = sig.read_bytes() if sig.is_file() and not sig.is_symlink() else None
@@ -192,10 +196,13 @@ def replacing_signed(path: str | os.PathLike, private_key: Ed25519PrivateKey, sh
             records = _parse_records(previous)
         except ValueError:
             records = []
-        current = [r for r in records if r["sha256"] != sha256]
-        if current:  # hash the file on disk only when some record could be for it
-            on_disk = sha256_file(path)
-            keep = [r for r in current if r["sha256"] == on_disk]
+        current = [r for r in records if record_digest(r) != record_digest(new)]
+        on_disk = {}  # hash the file on disk only when some record could be for it, once per hash
+        for record in current:
+            algorithm = record_digest(record).partition(":")[0]
+            on_disk.setdefault(algorithm, digest_file(path, algorithm))
+            if record_digest(record) == on_disk[algorithm]:
+                keep.append(record)
     write_signature(path, keep + [new])
     try:
         yield
@@ -211,8 +218,14 @@ def replacing_signed(path: str | os.PathLike, private_key: Ed25519PrivateKey, sh
         write_signature(path, [new])
 
 
+def record_digest(record: dict) -> str:
+    """The labelled digest a `.sig` record signs, e.g. "blake3:<hex>" (Lesson 03, §7)."""
+    algorithm = next(name for name in HASHES if name in record)
+    return f"{algorithm}:{record[algorithm]}"
+
+
 def read_signature(path: str | os.PathLike) -> list[dict]:
-    """The records of `path.sig` (each with sha256, key_id, signature), unverified; SignatureError if unusable (Lesson 03, §7).
+    """The records of `path.sig` (each: a digest, key_id, signature), unverified; SignatureError if unusable (Lesson 03, §7).
 
     The signature file must be a regular file: a symbolic link, a folder or a device is refused by name.
     """
@@ -247,19 +260,22 @@ def read_signature(path: str | os.PathLike) -> list[dict]:
         raise SignatureError(f"signature file {str(sig)!r} is not an mvtk signature ({exc})") from None
 
 
-def verify_file(path: str | os.PathLike, public_key: Ed25519PublicKey, *, sha256: str | None = None) -> str:
-    """Check `path.sig` against the file and `public_key`; returns the verified SHA-256 (Lesson 03, §7).
+def verify_file(path: str | os.PathLike, public_key: Ed25519PublicKey, *, digest: str | None = None,
+                data=None) -> str:
+    """Check `path.sig` against the file and `public_key`; returns the verified labelled digest (Lesson 03, §7).
 
-    Pass `sha256` when the caller has already hashed the bytes it is about to use (no second read).
-    The file passes if its SHA-256 is that of a record in `path.sig` whose signature verifies
-    under `public_key` (a re-save briefly keeps the previous record too: see `replacing_signed`).
-    Raises SignatureError if the signature is missing, not a regular file, unreadable, made by
-    another key, or made for other content.
+    The file passes if its digest is that of a record in `path.sig` whose signature verifies under
+    `public_key` (a re-save briefly keeps the previous record too: see `replacing_signed`); records
+    may hold a BLAKE3 (what mvtk writes) or a SHA-256 (what earlier versions wrote). Pass the bytes
+    the caller is about to use as `data`, and their `digest` ("blake3:<hex>") if already computed:
+    those bytes are checked, and the file is not read again. Raises SignatureError if the signature
+    is missing, not a regular file, unreadable, made by another key, or made for other content.
     """
     path = check_path(path)
     if not isinstance(public_key, Ed25519PublicKey):
         raise InvalidArgumentError(f"public_key must be an Ed25519 public key (load_public_key), "
                                    f"got {type(public_key).__name__}")
+    known = {} if digest is None else dict([check_digest(digest, "digest")])  # algorithm -> hex of the bytes used
     try:
         records = read_signature(path)
     except SignatureError as exc:
@@ -268,20 +284,26 @@ def verify_file(path: str | os.PathLike, public_key: Ed25519PublicKey, *, sha256
         raise
     signed = []
     for record in records:
+        algorithm, _, hex_digits = record_digest(record).partition(":")
         try:
-            verify_statement(FILE_CONTEXT + record["sha256"].encode(), record["signature"], public_key,
+            verify_statement(_statement(algorithm, hex_digits), record["signature"], public_key,
                              f"signature of {str(path)!r}")
         except SignatureError as exc:
             failure = exc
             continue
-        signed.append(record["sha256"])
+        signed.append(record_digest(record))
     if not signed:
         raise failure
-    actual = sha256 if sha256 is not None else sha256_file(path)
-    if actual not in signed:
-        raise SignatureError(f"{str(path)!r} was changed after it was signed: its SHA-256 is {actual[:12]}…, "
-                             f"the signed one {signed[-1][:12]}…")
-    return actual
+    used = dict.fromkeys(d.partition(":")[0] for d in signed)
+    for algorithm in sorted(used, key=lambda name: name not in known):  # a hash already computed first
+        if algorithm not in known:
+            actual = digest_bytes(data, algorithm) if data is not None else digest_file(path, algorithm)
+            known[algorithm] = actual.partition(":")[2]
+        actual = f"{algorithm}:{known[algorithm]}"
+        if actual in signed:
+            return actual
+    raise SignatureError(f"{str(path)!r} was changed after it was signed: its digest is {actual[:19]}…, "
+                         f"the signed one {signed[-1][:19]}…")
 
 
 def _parse_records(data: bytes) -> list[dict]:
@@ -296,9 +318,10 @@ def _parse_records(data: bytes) -> list[dict]:
     if not isinstance(records, list) or not records:
         raise ValueError("it holds no signed records")
     for record in records:
-        if not (isinstance(record, dict) and isinstance(record.get("sha256"), str)
-                and isinstance(record.get("signature"), str)):
-            raise ValueError("a record lacks its sha256 or signature")
+        if not (isinstance(record, dict) and sum(name in record for name in HASHES) == 1
+                and isinstance(record.get("signature"), str)
+                and all(isinstance(record[name], str) for name in HASHES if name in record)):
+            raise ValueError(f"a record lacks its signature or one digest ({' or '.join(HASHES)})")
     return records
 
 
@@ -310,6 +333,11 @@ def write_signature(path: str | os.PathLike, records: list[dict]) -> Path:
     with writing(sig) as tmp:  # a full disk reads as for any checkpoint file
         tmp.write_bytes((json.dumps({"algorithm": ALGORITHM, "records": records}, indent=1) + "\n").encode())
     return sig
+
+
+def _statement(algorithm: str, hex_digits: str) -> bytes:
+    """What a file record's signature signs: "mvtk-file-blake3:<hex>" (a SHA-256 record: as earlier versions)."""
+    return FILE_CONTEXT.format(algorithm).encode() + hex_digits.encode()
 
 
 def _public(key) -> Ed25519PublicKey:

@@ -8,7 +8,8 @@ header (the tensor index: each tensor's name, dtype, shape and offsets, and the 
 anywhere in the file is detected; `load_weights` recomputes it from the bytes it read, before
 any tensor is used.
 Like the checkpoint's seal, it detects accidental corruption, not deliberate edits: for those,
-sign with `signing_key=` and load with `verify_key=` (Lesson 03, §7).
+sign with `signing_key=` and load with `verify_key=` (Lesson 03, §7); the signature covers the
+file's BLAKE3 digest (files signed by earlier versions, over their SHA-256, still verify).
 `mvtk.checkpoint` re-exports the public names here; import them from there.
 """
 from __future__ import annotations
@@ -25,12 +26,11 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from torch import nn
 
-from mvtk.checkpoint._io import check_device, first_line, plain_dict, writing
+from mvtk.checkpoint._io import check_device, digest_bytes, first_line, plain_dict, writing
 from mvtk.checkpoint.core import check_state_dict_fits
 from mvtk.checkpoint.signing import check_signing_key, check_verify_key, replacing_signed, verify_file
 from mvtk.env import git_commit, utc_now
 from mvtk.errors import CheckpointError, IntegrityError, InvalidArgumentError, check_module, check_path
-from mvtk.files import sha256_bytes
 
 __all__ = ["WEIGHTS_SHA256_KEY", "load_weights", "save_weights", "weights_digest"]
 
@@ -70,7 +70,7 @@ def save_weights(path: str | os.PathLike, model: nn.Module, metadata: dict[str, 
     meta[WEIGHTS_SHA256_KEY] = weights_digest(unsealed)  # adding the digest changes neither the rest nor the tensors
     data = safetensors.torch.save(tensors, metadata=meta)
     signed = contextlib.nullcontext() if signing_key is None else replacing_signed(path, signing_key,
-                                                                                    sha256_bytes(data))
+                                                                                    digest_bytes(data))
     with signed, writing(path) as tmp:
         with open(tmp, "wb") as handle:
             handle.write(data)
@@ -138,7 +138,7 @@ def load_weights(path: str | os.PathLike, model: nn.Module | None = None, *, dev
         raise error
     if verify_key is not None:
         signed = Path(path).resolve() if Path(path).is_symlink() else Path(path)
-        verify_file(signed, verify_key, sha256=sha256_bytes(data))
+        verify_file(signed, verify_key, data=data)
     if model is not None:
         try:
             state = {k: v.to(device) for k, v in safetensors.torch.load(data).items()}

@@ -9,6 +9,7 @@ import random
 import signal
 import time
 
+import blake3
 import pytest
 import torch
 from torch import nn
@@ -180,11 +181,11 @@ def test_a_failed_signed_resave_puts_the_signature_back(tmp_path, mlp, keys, mon
 def test_a_signature_with_several_records_needs_one_that_verifies_and_matches(tmp_path, mlp, keys):
     private, public, other, _ = keys
     path = save_checkpoint(tmp_path / "c.pt", mlp, epoch=1)
-    digest = sha256_file(path)
-    ckpt.write_signature(path, [ckpt.file_record("0" * 64, private), ckpt.file_record(digest, other)])
+    digest = "blake3:" + blake3.blake3(path.read_bytes()).hexdigest()
+    ckpt.write_signature(path, [ckpt.file_record("blake3:" + "0" * 64, private), ckpt.file_record(digest, other)])
     with pytest.raises(SignatureError, match="changed after it was signed"):  # the only match is another key's
         verify_file(path, public)
-    ckpt.write_signature(path, [ckpt.file_record("0" * 64, private), ckpt.file_record(digest, private)])
+    ckpt.write_signature(path, [ckpt.file_record("blake3:" + "0" * 64, private), ckpt.file_record(digest, private)])
     assert verify_file(path, public) == digest
     ckpt.write_signature(path, [ckpt.file_record(digest, other)])
     with pytest.raises(SignatureError, match="does not match key"):
@@ -195,9 +196,25 @@ def test_a_signature_in_the_earlier_one_record_format_still_verifies(tmp_path, m
     import json
     private, public, _, _ = keys
     path = save_checkpoint(tmp_path / "c.pt", mlp, epoch=1)
-    record = ckpt.file_record(sha256_file(path), private)
+    record = ckpt.file_record(sha256_file(path), private)  # 64 bare hex digits: a SHA-256, as versions before 2
+    assert set(record) == {"sha256", "key_id", "signature"}
     signature_path(path).write_text(json.dumps({"algorithm": "ed25519", **record}))
     assert load_checkpoint(path, verify_key=public)["epoch"] == 1
+    assert verify_file(path, public) == "sha256:" + sha256_file(path)
+
+
+def test_signed_weights_verify_with_a_sha256_record_of_an_earlier_version(tmp_path, mlp, keys):
+    private, public, _, _ = keys
+    path = save_weights(tmp_path / "w.safetensors", mlp, signing_key=private)
+    assert set(read_signature(path)[0]) == {"blake3", "key_id", "signature"}
+    ckpt.write_signature(path, [ckpt.file_record("sha256:" + sha256_file(path), private)])
+    assert load_weights(path, MLP(hidden=16), verify_key=public)["format"] == "mvtk-weights"
+
+
+@pytest.mark.parametrize("digest", ["0" * 63, "md5:" + "0" * 64, "blake3:" + "0" * 63 + "G", None, b"0" * 64])
+def test_a_malformed_digest_is_named(keys, digest):
+    with pytest.raises(InvalidArgumentError, match="digest must be a labelled digest"):
+        ckpt.file_record(digest, keys[0])
 
 
 # --- 3: tied weights stay tied --------------------------------------------------------------

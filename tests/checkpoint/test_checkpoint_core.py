@@ -1,16 +1,22 @@
 """Lesson 03's claims about mvtk.checkpoint's core: exact resume, safe loading, integrity, atomic writes."""
+import base64
 import builtins
 import errno
+import hashlib
 import io
 import itertools
+import json
 import multiprocessing
 import os
 import random
 import signal
 import tempfile
 import time
+import tracemalloc
+import zipfile
 from pathlib import Path
 
+import blake3
 import numpy as np
 import pytest
 import torch
@@ -186,6 +192,104 @@ def test_a_newer_format_version_is_refused_naming_both_versions(tmp_path, mlp):
         load_checkpoint(tmp_path / "odd.pt", mlp)
 
 
+# --- format version 2 seals with BLAKE3; version-1 files (SHA-256) still load and verify ------
+
+def version_1_file(path: Path, payload: dict, private=None) -> Path:
+    """A checkpoint as mvtk wrote it before format version 2, built by hand with hashlib and cryptography.
+
+    The zip comment is `mvtk-sha256:` + the SHA-256 of the archive up to the comment's length field;
+    a signature's record holds the SHA-256 of the whole file, signed as `mvtk-file-sha256:<hex>`.
+    """
+    payload = dict(payload, format_version=1)
+    body = torch_bytes(payload)[:-2]  # the archive without its (empty) comment's length field
+    comment = b"mvtk-sha256:" + hashlib.sha256(body).hexdigest().encode()
+    path.write_bytes(body + len(comment).to_bytes(2, "little") + comment)
+    if private is not None:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        record = {"sha256": digest, "key_id": ckpt.key_id(private),
+                  "signature": base64.b64encode(private.sign(b"mvtk-file-sha256:" + digest.encode())).decode()}
+        ckpt.signature_path(path).write_text(json.dumps({"algorithm": "ed25519", "records": [record]}))
+    return path
+
+
+def test_a_new_checkpoint_is_sealed_with_blake3_over_the_archive(saved):
+    data = saved.read_bytes()
+    comment = zipfile.ZipFile(saved).comment
+    assert comment == b"mvtk-blake3:" + blake3.blake3(data[:-len(comment) - 2]).hexdigest().encode()
+    assert read_checkpoint(saved)["format_version"] == ckpt.FORMAT_VERSION == 2
+
+
+def test_a_new_signature_signs_the_whole_files_blake3(tmp_path, mlp, keys):
+    private, public, _, _ = keys
+    path = save_checkpoint(tmp_path / "signed.pt", mlp, epoch=1, signing_key=private)
+    (record,) = ckpt.read_signature(path)
+    assert record["blake3"] == blake3.blake3(path.read_bytes()).hexdigest() and "sha256" not in record
+    public.verify(base64.b64decode(record["signature"]), b"mvtk-file-blake3:" + record["blake3"].encode())
+
+
+def test_a_version_1_file_still_loads_verified(tmp_path, mlp, keys):
+    private, public, _, _ = keys
+    path = version_1_file(tmp_path / "v1.pt", ckpt.checkpoint_payload(mlp, epoch=3), private)
+    fresh = MLP(hidden=16)
+    meta = load_checkpoint(path, fresh, verify_key=public)
+    assert meta["format_version"] == 1 and meta["epoch"] == 3
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), mlp.state_dict().values()))
+    assert ckpt.verify_file(path, public) == "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_damaged_version_1_file_fails_its_sha256_check(tmp_path, mlp):
+    path = version_1_file(tmp_path / "v1.pt", ckpt.checkpoint_payload(mlp, epoch=3))
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match=r"v1.pt' failed its SHA-256 check"):
+        load_checkpoint(path, mlp)
+
+
+def test_seal_writes_the_version_1_seal_on_request(tmp_path, mlp):
+    payload = dict(ckpt.checkpoint_payload(mlp, epoch=3), format_version=1)
+    by_hand = version_1_file(tmp_path / "v1.pt", payload).read_bytes()
+    assert ckpt.seal(torch_bytes(payload), "sha256") == by_hand
+
+
+def test_resaving_over_a_signed_version_1_file_keeps_it_verifiable(tmp_path, mlp, keys):
+    private, public, _, _ = keys
+    path = version_1_file(tmp_path / "c.pt", ckpt.checkpoint_payload(mlp, epoch=3), private)
+    save_checkpoint(path, mlp, epoch=4, signing_key=private)
+    assert [set(r) for r in ckpt.read_signature(path)] == [{"blake3", "key_id", "signature"}]
+    assert load_checkpoint(path, verify_key=public)["format_version"] == 2
+
+
+def test_loading_hashes_through_a_memory_map_without_copying_the_file(tmp_path):
+    big = nn.Linear(1024, 1024)  # 4 MB of weights
+    path = save_checkpoint(tmp_path / "big.pt", big, epoch=1)
+    tracemalloc.start()
+    try:
+        read_checkpoint(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < path.stat().st_size // 4, f"reading allocated {peak} bytes for a {path.stat().st_size}-byte file"
+
+
+def load_in_a_child(path, results):
+    results.put(read_checkpoint(path)["epoch"])
+
+
+def test_a_forked_child_loads_after_its_parent_hashed_on_every_core(tmp_path):
+    path = save_checkpoint(tmp_path / "big.pt", nn.Linear(1024, 1024), epoch=5)  # > 1 MiB: hashed on every core
+    read_checkpoint(path)
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    child = context.Process(target=load_in_a_child, args=(path, results))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("a forked child hung hashing a checkpoint (the parent's hashing threads are not in the child)")
+    assert child.exitcode == 0 and results.get(timeout=5) == 5
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(metrics={"val_loss": np.float64(0.5)}), r"checkpoint\['metrics'\]\['val_loss'\] is a numpy.float64"),
     (dict(extra={"config": History()}), r"checkpoint\['extra'\]\['config'\] is a mvtk.train.History"),
@@ -242,8 +346,8 @@ def corrupt(path: Path, kind: str) -> Path:
 @pytest.mark.parametrize("kind, error, match", [
     ("truncated", CheckpointError, "is truncated"),
     ("cut_at_the_end", CheckpointError, "is truncated"),
-    ("bit_flipped", IntegrityError, "failed its SHA-256 check"),
-    ("flipped_in_a_header", IntegrityError, "failed its SHA-256 check"),
+    ("bit_flipped", IntegrityError, "failed its BLAKE3 check"),
+    ("flipped_in_a_header", IntegrityError, "failed its BLAKE3 check"),
     ("empty", CheckpointError, r"is empty \(0 bytes\)"),
     ("text", CheckpointError, "is not a checkpoint"),
 ])

@@ -233,7 +233,7 @@ def test_the_weights_checksum_key_is_reserved(tmp_path, mlp):
 # --- item 9: the checksum is no tamper check; a signature is ---------------------------------
 
 def edit_and_reseal(path):
-    """What anyone can do with the public API: change a weight, store a new SHA-256."""
+    """What anyone can do with the public API: change a weight, store a new checksum."""
     payload = read_checkpoint(path)
     payload["model"]["fc1.bias"] += 1.0
     import io
@@ -349,6 +349,7 @@ def test_a_binary_key_file_is_a_clear_error(tmp_path):
     (lambda p, m: ckpt.encrypted_for(None), "blob must be bytes"),
     (lambda p, m: ckpt.seal("text"), "data must be bytes"),
     (lambda p, m: ckpt.unseal(None), "data must be bytes"),
+    (lambda p, m: ckpt.seal(b"PK", "md5"), "algorithm must be one of"),
     (lambda p, m: ckpt.remove_stale_temps(5), "path must be a str or os.PathLike"),
     (lambda p, m: latest_checkpoint(None), "dirpath must be a str or os.PathLike"),
     (lambda p, m: ModelCheckpoint(None, m), "dirpath must be a str or os.PathLike"),
