@@ -7,6 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,6 +122,90 @@ def test_async_save_in_one_process_returns_before_the_write_and_keeps_the_values
     loaded = distributed.zeros_like_state(state)
     distributed.load_sharded(loaded, tmp_path)
     assert torch.equal(loaded["model"]["weight"], before)
+
+
+def copied(state: dict) -> dict:
+    return {group: {name: t.clone() for name, t in tensors.items()} for group, tensors in state.items()}
+
+
+def test_async_saves_back_to_back_each_hold_the_values_at_their_call(tmp_path):
+    state = distributed.example_state(1)
+    first = distributed.save_sharded(state, tmp_path, 1, asynchronous=True)
+    at_first = copied(state)
+    state["model"]["weight"].add_(1.0)  # training goes on while step 1 is written
+    second = distributed.save_sharded(state, tmp_path, 2, asynchronous=True)  # reuses step 1's staging buffers
+    at_second = copied(state)
+    state["model"]["weight"].add_(1.0)
+    assert second.wait().name == "step-000002" and first.finished
+    for step, expected in ((1, at_first), (2, at_second)):
+        loaded = distributed.zeros_like_state(state)
+        distributed.load_sharded(loaded, distributed.step_folder(tmp_path, step))
+        assert distributed.state_equal(loaded, expected)
+    assert distributed.latest_folder(tmp_path).name == "step-000002"
+
+
+def test_latest_moves_when_an_async_save_completes_without_wait(tmp_path):
+    pending = distributed.save_sharded(distributed.example_state(0.5), tmp_path, 1, asynchronous=True)
+    deadline = time.monotonic() + 60
+    while not pending.finished and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert distributed.latest_folder(tmp_path).name == "step-000001"
+
+
+def test_a_failed_async_write_is_raised_by_wait_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    state = distributed.example_state(0.5)
+    distributed.save_sharded(state, tmp_path, 1)
+
+    def full_disk(self, metadata, results):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(FileSystemWriter, "finish", full_disk)
+    pending = distributed.save_sharded(state, tmp_path, 2, asynchronous=True)
+    with pytest.raises(CheckpointError, match=r"step-000002' failed on rank\(s\) \[0\]: OSError: .*No space left"):
+        pending.wait()
+    assert distributed.latest_folder(tmp_path).name == "step-000001"
+    with pytest.raises(CheckpointError, match="step-000003' failed"):  # a synchronous save says the same
+        distributed.save_sharded(state, tmp_path, 3)
+
+
+ASYNC_KILLED = """
+import sys
+from mvtk.distributed import sharded
+state = sharded.example_state(0.5)
+sharded.save_sharded(state, sys.argv[1], 1)
+state["model"]["weight"].add_(1.0)
+sharded.save_sharded(state, sys.argv[1], 2, asynchronous=True, pause_before_commit=600)
+print("returned", flush=True)
+sharded.save_sharded(state, sys.argv[1], 3)  # waits for step 2, which never ends: it is killed first
+"""
+
+
+def test_a_kill_during_an_async_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("RANK", None)
+    process = subprocess.Popen([sys.executable, "-c", ASYNC_KILLED, str(tmp_path)], env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    lines = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and distributed.PAUSED_MARK not in lines:
+            line = process.stdout.readline()
+            if not line:
+                break
+            lines.append(line.rstrip("\n"))
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # mid-save: step 2's shards written, its .metadata not
+        process.wait()
+        process.stdout.close()
+    assert "returned" in lines and distributed.PAUSED_MARK in lines, lines
+    assert distributed.latest_folder(tmp_path).name == "step-000001"
+    assert distributed.METADATA not in distributed.checkpoint_files(tmp_path / "step-000002")
+    survivor = distributed.zeros_like_state(distributed.example_state(0.5))
+    distributed.load_sharded(survivor, tmp_path)
+    assert distributed.state_equal(survivor, distributed.example_state(0.5))
 
 
 def test_dcp_converts_to_one_torch_save_file_and_back(tmp_path):

@@ -8,6 +8,12 @@
 Every rank writes its own shards in parallel; any number of processes can load them back, each
 reading only the pieces it needs (resharding). A save never touches the folder `latest` names, so
 a crash during a save leaves the previous checkpoint loadable.
+
+An asynchronous save blocks training only while the state is copied into CPU buffers that every
+later asynchronous save of the process reuses (torch's DefaultStager: no allocation, no page
+faults after the first); a background thread writes the copy, over a process group of its own so
+its collectives never mix with training's, and moves `latest` once the checkpoint is complete.
+One save at a time per process: a save first waits for an asynchronous one still writing.
 """
 from __future__ import annotations
 
@@ -15,6 +21,8 @@ import os
 import shutil
 import time
 import warnings
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_for
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -22,7 +30,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save, torch_save_to_dcp
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from mvtk.errors import CheckpointError, InvalidArgumentError, check_int, check_number
 from mvtk.files import atomic_write
@@ -35,6 +45,9 @@ LATEST = "latest"        # a one-line text file: the name of the newest complete
 METADATA = ".metadata"   # DCP writes it last: a folder without it is an unfinished save
 PAUSED_MARK = "[mvtk.distributed] paused before the metadata"  # printed by the pause_before_commit test hook
 _NO_GROUP = "torch.distributed is disabled"  # DCP's warning when it runs in one process without a group
+_stager: DefaultStager | None = None  # the CPU buffers async saves copy into, one per tensor storage, reused
+_in_flight: Future | None = None      # the async save still writing from them (and still to move `latest`)
+_save_group: tuple = (None, None)     # (the default group, a gloo group of the same ranks for async saves)
 
 
 def step_folder(root: str | os.PathLike, step: int) -> Path:
@@ -61,8 +74,8 @@ def latest_folder(root: str | os.PathLike) -> Path | None:
 class _PausingWriter(FileSystemWriter):
     """A FileSystemWriter that waits before it writes .metadata: the test hook that lets a lesson kill a save."""
 
-    def __init__(self, path, pause: float):
-        super().__init__(path)
+    def __init__(self, path, pause: float, **kwargs):
+        super().__init__(path, **kwargs)
         self.pause = pause
 
     def finish(self, metadata, results) -> None:
@@ -72,18 +85,23 @@ class _PausingWriter(FileSystemWriter):
 
 
 class PendingSave:
-    """A save in progress: `wait()` finishes it and moves `latest` to it (Lesson 11, §3)."""
+    """A save in progress; `latest` moves to it once it is complete, and `wait()` blocks until then (Lesson 11, §3)."""
 
-    def __init__(self, root: Path, folder: Path, future=None):
+    def __init__(self, root: Path, folder: Path, future: Future | None = None):
         self.root, self.folder, self.future = root, folder, future
-        self.finished = future is None
+
+    @property
+    def finished(self) -> bool:
+        """Whether the save has ended (written and committed, or failed: `wait()` says which) (Lesson 11, §3)."""
+        return self.future is None or self.future.done()
 
     def wait(self) -> Path:
-        """Block until every rank has written its shards and .metadata exists; then point `latest` here (Lesson 11, §3)."""
-        if not self.finished:
-            self.future.result()  # re-raises a failed write
-            self.finished = True
-            _point_latest(self.root, self.folder)
+        """Block until every rank has written its shards, .metadata exists and `latest` points here (Lesson 11, §3).
+
+        Re-raises the error of a save that failed; `latest` then still names the previous checkpoint.
+        """
+        if self.future is not None:
+            self.future.result()
         return self.folder
 
 
@@ -97,6 +115,53 @@ def _point_latest(root: Path, folder: Path) -> None:
             tmp.write_text(folder.name + "\n")
 
 
+def _committed(saving: Future, root: Path, folder: Path) -> Future:
+    """A future that ends once `saving` has written the checkpoint and `latest` points at it (or either failed)."""
+    done: Future = Future()
+
+    def commit(saved: Future) -> None:  # runs in DCP's writer thread, as soon as the save ends
+        try:
+            saved.result()
+            _point_latest(root, folder)
+        except CheckpointException as exc:  # a BaseException: made an mvtk error that `except Exception` catches
+            done.set_exception(_save_failed(folder, exc))
+        except BaseException as exc:  # handed to whoever waits: PendingSave.wait() re-raises it
+            done.set_exception(exc)
+        else:
+            done.set_result(folder)
+
+    saving.add_done_callback(commit)
+    return done
+
+
+def _save_failed(folder: Path, exc: CheckpointException) -> CheckpointError:
+    """DCP's CheckpointException (a BaseException listing each rank's error) as a CheckpointError naming the folder."""
+    ranks = sorted(exc.failures)
+    first = exc.failures[ranks[0]][0] if ranks else exc
+    return CheckpointError(f"the DCP save into {str(folder)!r} failed on rank(s) {ranks}: {type(first).__name__}: "
+                           f"{first}; {LATEST!r} still names the previous checkpoint")
+
+
+def _async_stager() -> DefaultStager:
+    """The process's stager: synchronous copies (the state at the call), into buffers kept for the next save."""
+    global _stager
+    if _stager is None:
+        cuda = torch.cuda.is_available()  # pinned buffers and non-blocking copies from the GPU need CUDA
+        _stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                               use_async_staging=False, use_non_blocking_copy=cuda))
+    return _stager
+
+
+def _async_group():
+    """A gloo group of all ranks for the writer thread's collectives (made once, on every rank); None alone."""
+    global _save_group
+    if not dist.is_initialized():
+        return None
+    if _save_group[0] is not dist.group.WORLD:
+        _save_group = (dist.group.WORLD, dist.new_group(backend="gloo"))
+    return _save_group[1]
+
+
 def save_sharded(state: Mapping[str, Any], root: str | os.PathLike, step: int, *, asynchronous: bool = False,
                  pause_before_commit: float = 0.0) -> PendingSave:
     """Every rank writes its shards of `state` to ROOT/step-NNNNNN with DCP; then ROOT/latest points there (Lesson 11, §3).
@@ -104,14 +169,21 @@ def save_sharded(state: Mapping[str, Any], root: str | os.PathLike, step: int, *
     Call it on every rank (or in one process without a group). A leftover folder of the same step
     from a crashed save is replaced; the folder `latest` names is never written over. Synchronous:
     returns when the save is complete. `asynchronous=True` (dcp.async_save) returns as soon as the
-    state is copied to memory; training may then change the tensors; call `.wait()` before the next
-    save. `pause_before_commit` S (TEST HOOK) sleeps S seconds after the shards and before .metadata.
+    state is copied into CPU buffers (reused by the next asynchronous save); training may then change
+    the tensors: the checkpoint holds their values at the call. A background thread writes it and
+    moves `latest` when it is complete; `.wait()` blocks until then and re-raises a failed write.
+    Any save first waits for an asynchronous save of this process that is still writing.
+    `pause_before_commit` S (TEST HOOK) sleeps S seconds after the shards and before .metadata.
     """
     if not isinstance(state, Mapping) or not state:
         raise InvalidArgumentError(f"state must be a non-empty dict of tensors (or nested dicts), got {type(state).__name__}")
     check_number(pause_before_commit, "pause_before_commit", low=0)
     root = Path(root)
     folder = step_folder(root, step)
+    global _in_flight
+    if _in_flight is not None:  # its buffers are about to be reused, and `latest` must move in order
+        wait_for([_in_flight])  # its error, if any, is its PendingSave's to raise
+        _in_flight = None
     if _rank() == 0:
         current = latest_folder(root)
         if current is not None and current.resolve() == folder.resolve():
@@ -122,13 +194,21 @@ def save_sharded(state: Mapping[str, Any], root: str | os.PathLike, step: int, *
         folder.mkdir(parents=True)
     if dist.is_initialized():
         dist.barrier()  # nobody writes into the folder before rank 0 has cleared it
-    writer = _PausingWriter(folder, pause_before_commit) if pause_before_commit else FileSystemWriter(folder)
+    options = {"per_thread_copy_ahead": 0} if asynchronous else {}  # a staged state is on the CPU already
+    writer = (_PausingWriter(folder, pause_before_commit, **options) if pause_before_commit
+              else FileSystemWriter(folder, **options))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_NO_GROUP)
         if asynchronous:
-            future = dcp.async_save(dict(state), storage_writer=writer, no_dist=not dist.is_initialized())
-            return PendingSave(root, folder, future)
-        dcp.save(dict(state), storage_writer=writer, no_dist=not dist.is_initialized())
+            group = _async_group()
+            saving = dcp.async_save(dict(state), storage_writer=writer, async_stager=_async_stager(),
+                                    process_group=group, no_dist=group is None)
+            _in_flight = _committed(saving, root, folder)
+            return PendingSave(root, folder, _in_flight)
+        try:
+            dcp.save(dict(state), storage_writer=writer, no_dist=not dist.is_initialized())
+        except CheckpointException as exc:
+            raise _save_failed(folder, exc) from None
     _point_latest(root, folder)
     return PendingSave(root, folder)
 
