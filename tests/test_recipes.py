@@ -12,7 +12,7 @@ from notebook_utils import NOTEBOOK_DIR, NOTEBOOKS, read, tagged
 # A recipe may import the standard library and the course's third-party dependencies, never mvtk.
 ALLOWED_THIRD_PARTY = {"torch", "torchvision", "numpy", "sklearn", "safetensors", "onnx", "onnxscript",
                        "onnxruntime", "torchao", "tensorboard", "cryptography", "matplotlib",
-                       "fastapi", "uvicorn", "httpx"}
+                       "fastapi", "uvicorn", "httpx", "mlflow"}
 RECIPES = [(path, index, cell.source) for path in NOTEBOOKS
            for index, cell in enumerate(tagged(read(path), "recipe"), start=1)]
 

@@ -6,7 +6,8 @@ safetensors files named by their SHA-256, so identical weights are stored once a
 never unpickles. Every write is one SQLite write transaction, so several processes can
 register at once and a killed process leaves nothing half-done. With a signing key each version's
 record is signed (Ed25519); with a verify key every load checks that signature first. From the shell:
-`python -m mvtk.registry --help`.
+`python -m mvtk.registry --help`. `Registry("http://host:port")` opens the same calls on an MLflow
+server's Model Registry instead (Lesson 11, §6; see `mlflow_backend.py`).
 
 Import everything from here (`from mvtk.registry import Registry`); the files below hold the
 code, each importing only the ones above it:
@@ -22,7 +23,10 @@ code, each importing only the ones above it:
 | `blobs.py`    | §2 stored once, §6 loading verified        | BlobStore: safetensors files named by SHA-256       |
 | `diff.py`     | §4 Diff                                    | VersionDiff, TensorChange, LayerChange, compare_*   |
 | `bundle.py`   | §7 export/import between registries        | write_bundle, read_bundle: a verified bundle folder |
-| `registry.py` | §2-§3, §5 Lineage, §6 check, §7 export     | Registry: checks arguments, coordinates the rest    |
+| `registry.py` | §2-§3, §5 Lineage, §6 check, §7 export     | Registry: checks arguments, coordinates the rest;   |
+|               |                                            | picks the backend by URI (a folder, or http://...)  |
+| `mlflow_backend.py` | Lesson 11, §6 a team registry        | MlflowRegistry (the same calls on an MLflow server),|
+|               |                                            | start_mlflow_server, MlflowServer                   |
 | `cli.py`      | §7 from the shell                          | main: `python -m mvtk.registry` (`__main__.py`)     |
 """
 from __future__ import annotations
@@ -36,7 +40,8 @@ from mvtk.registry.recipe import capture_recipe, class_path, import_class, modul
 from mvtk.registry.records import (MAX_VERSION, AliasEvent, CheckReport, ImportResult, ModelVersion,
                                    architecture_label, check_alias, check_name, check_version_number,
                                    infer_architecture, is_sha256, version_statement)
-from mvtk.registry.registry import EXPORT_FORMAT, INDEX_FILE, Registry
+from mvtk.registry.mlflow_backend import MlflowRegistry, MlflowServer, start_mlflow_server
+from mvtk.registry.registry import BACKENDS, EXPORT_FORMAT, INDEX_FILE, Registry
 from mvtk.registry.text import Table
 
 __all__ = [
@@ -54,6 +59,8 @@ __all__ = [
     "RegistryIndex", "BlobStore", "BLOB_DIR", "BLOB_SUFFIX", "PROGRAM_SUFFIX",
     # §2-§4: tables and diffs (text, diff)
     "Table", "VersionDiff", "TensorChange", "LayerChange", "compare_states", "compare_modules",
+    # Lesson 11, §6: the team registry on an MLflow server; backends by URI scheme (mlflow_backend, registry)
+    "MlflowRegistry", "MlflowServer", "start_mlflow_server", "BACKENDS",
     # §7: the command line (cli)
     "main", "DEFAULT_ROOT_ENV",
 ]

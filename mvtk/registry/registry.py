@@ -45,15 +45,18 @@ from mvtk.registry.text import Table, history_table, names_table, versions_table
 if TYPE_CHECKING:
     from mvtk.data import ImageDataset
 
-__all__ = ["Registry", "INDEX_FILE", "EXPORT_FORMAT"]
+__all__ = ["Registry", "INDEX_FILE", "EXPORT_FORMAT", "BACKENDS", "checked_ref", "rollback_target", "load_key"]
 
 INDEX_FILE = "index.sqlite"
 EXPORT_FORMAT = "mvtk-registry-index/1"
+BACKENDS: dict[str, type] = {}  # URI scheme -> Registry subclass; mlflow_backend adds 'http' and 'https' (Lesson 11)
 
 
 class Registry:
     """A folder of model versions: SQLite index + content-addressed safetensors blobs (Lesson 04, §2).
 
+    A `root` that is a URL opens the backend BACKENDS holds for its scheme instead, with the same calls:
+    `Registry("http://127.0.0.1:5000")` is an MlflowRegistry on that MLflow server (Lesson 11, §6).
     `create=False` refuses a folder that holds no registry yet (the command line uses it). Only a
     folder without stored weights is ever initialised: an index that is missing or empty (or not
     mvtk's) beside blobs is a damaged registry, refused with a RegistryError naming it.
@@ -64,13 +67,17 @@ class Registry:
     list unsigned and badly signed versions.
     """
 
+    def __new__(cls, root=None, *args, **kwargs):
+        # Registry('http://host:port') opens the backend BACKENDS holds for the scheme, as Path(...) opens a PosixPath
+        return object.__new__(_backend(root) if cls is Registry else cls)
+
     def __init__(self, root: str | os.PathLike, *, create: bool = True,
                  signing_key: Ed25519PrivateKey | str | os.PathLike | None = None,
                  verify_key: Ed25519PublicKey | str | os.PathLike | None = None):
         if not isinstance(root, (str, os.PathLike)):
             raise InvalidArgumentError(f"root must be a folder path, got {type(root).__name__}")
-        self.signing_key = _key(signing_key, Ed25519PrivateKey, load_private_key, "signing_key", "private")
-        self.verify_key = _key(verify_key, Ed25519PublicKey, load_public_key, "verify_key", "public")
+        self.signing_key = load_key(signing_key, Ed25519PrivateKey, load_private_key, "signing_key", "private")
+        self.verify_key = load_key(verify_key, Ed25519PublicKey, load_public_key, "verify_key", "public")
         self.root = Path(root)
         self.index = self.root / INDEX_FILE
         self.blobs = BlobStore(self.root)
@@ -177,7 +184,7 @@ class Registry:
 
     def get(self, name: str, version: int | None = None, alias: str | None = None) -> ModelVersion:
         """One version: by number, by alias (also written 'name@alias'), or the latest (Lesson 04, §2)."""
-        name, version, alias = _checked_ref(name, version, alias)
+        name, version, alias = checked_ref(name, version, alias)
         with self._db.read() as conn:
             return self._get(conn, name, version, alias)
 
@@ -196,7 +203,15 @@ class Registry:
         when the blob file is missing, and (with a verify key) SignatureError when the version is
         unsigned or its record or weights changed after signing.
         """
-        return self.blobs.load(self.verified(self.get(name, version, alias)), device)
+        return self.weights_of(self.verified(self.get(name, version, alias)), device)
+
+    def weights_of(self, mv: ModelVersion, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """The tensors of the record `mv`, checked against its SHA-256; what every backend provides (Lesson 04, §6)."""
+        return self.blobs.load(mv, device)
+
+    def program_bytes_of(self, mv: ModelVersion) -> bytes:
+        """The torch.export program bytes of the record `mv`, checked against their SHA-256 (Lesson 04, §6)."""
+        return self.blobs.read(mv, mv.program_sha256, PROGRAM_SUFFIX)
 
     def load_model(self, name: str, version: int | None = None, alias: str | None = None, *,
                    device: torch.device | str | None = None, program: bool = False) -> nn.Module:
@@ -220,7 +235,7 @@ class Registry:
             raise RegistryError(f"{mv.ref} was registered without an architecture, so it cannot be rebuilt: it "
                                 "records no class and constructor arguments and no program; use load() with your own "
                                 "model class, or register the model with init_args= or program_example=")
-        state = self.blobs.load(mv)
+        state = self.weights_of(mv)
         check_state_dict_fits(model, state, mv.ref)
         model.load_state_dict(state)
         return model.to(device if device is not None else "cpu").eval()
@@ -237,11 +252,11 @@ class Registry:
         if mv.program_sha256 is None:
             raise RegistryError(f"{mv.ref} has no torch.export program; register with program_example=(example_input,) "
                                 "to store one")
-        return load_program(self.blobs.read(mv, mv.program_sha256, PROGRAM_SUFFIX), f"the program of {mv.ref}")
+        return load_program(self.program_bytes_of(mv), f"the program of {mv.ref}")
 
     def lineage(self, name: str, version: int | None = None, alias: str | None = None) -> list[ModelVersion]:
         """The chain of parents ending at this version, oldest first; stops at a deleted parent (Lesson 04, §5)."""
-        name, version, alias = _checked_ref(name, version, alias)
+        name, version, alias = checked_ref(name, version, alias)
         with self._db.read() as conn:
             chain = [self._get(conn, name, version, alias)]
             while chain[-1].parent is not None:
@@ -258,7 +273,7 @@ class Registry:
         metric and param deltas.
         """
         mv_a, mv_b = (self.verified(self.get(name, *_version_or_alias(x, w))) for x, w in ((a, "a"), (b, "b")))
-        return VersionDiff(mv_a, mv_b, compare_states(self.blobs.load(mv_a), self.blobs.load(mv_b)))
+        return VersionDiff(mv_a, mv_b, compare_states(self.weights_of(mv_a), self.weights_of(mv_b)))
 
     def verified(self, mv: ModelVersion) -> ModelVersion:
         """`mv` itself, after checking its signature when this registry has a verify key (Lesson 04, §6).
@@ -338,16 +353,9 @@ class Registry:
         check_alias(alias)
         with self._db.write() as conn:
             current = self._get(conn, name, None, alias)
-            existing = set(self._db.numbers(conn, name))
-            earlier = [v for v in _holders(self._events(conn, name, alias))[:-1]
-                       if v != current.version and v in existing]
-            if not earlier:
-                raise RegistryError(f"nothing left to undo: {name}@{alias} points at v{current.version} and its "
-                                    "history holds no earlier version to go back to (moves already rolled back "
-                                    "are not undone twice, deleted versions are skipped); use set_alias() to "
-                                    "choose one")
-            self._db.move_alias(conn, name, alias, earlier[-1], "rollback")
-            return self._get(conn, name, earlier[-1], None)
+            target = rollback_target(current, alias, self._events(conn, name, alias), self._db.numbers(conn, name))
+            self._db.move_alias(conn, name, alias, target, "rollback")
+            return self._get(conn, name, target, None)
 
     # -- deleting and checking -------------------------------------------------------------------------------
 
@@ -480,7 +488,7 @@ class Registry:
         A renumbered version is signed again with this registry's signing key (unsigned without one;
         refused when this registry verifies signatures but cannot sign). Returns the mapping.
         """
-        key = _key(verify_key, Ed25519PublicKey, load_public_key, "verify_key", "public") or self.verify_key
+        key = load_key(verify_key, Ed25519PublicKey, load_public_key, "verify_key", "public") or self.verify_key
         bundle = read_bundle(folder, key)
         moved, aliases, skipped = {}, {}, {}
         with self._db.write() as conn:
@@ -544,8 +552,19 @@ class Registry:
 # -- checking references at entry, and small helpers ------------------------------------------------------------
 
 
-def _checked_ref(name, version, alias: str | None) -> tuple[str, int | None, str | None]:
-    """'name@alias' split; a str name; a version number or an alias, not both."""
+def _backend(root) -> type:
+    """Registry for a folder; the class BACKENDS holds for a URI's scheme ('http://...': an MLflow server)."""
+    if not isinstance(root, str) or "://" not in root:
+        return Registry
+    scheme = root.partition("://")[0].lower()
+    if scheme not in BACKENDS:
+        raise InvalidArgumentError(f"registry {root!r}: no backend for {scheme}:// URIs; give a folder path, or the "
+                                   f"URL of a server ({', '.join(f'{s}://' for s in sorted(BACKENDS)) or 'none'})")
+    return BACKENDS[scheme]
+
+
+def checked_ref(name, version, alias: str | None) -> tuple[str, int | None, str | None]:
+    """'name@alias' split; a str name; a version number or an alias, not both (Lesson 04, §2)."""
     if isinstance(name, str) and "@" in name:
         name, _, named = name.partition("@")
         if alias is not None and alias != named:
@@ -571,8 +590,8 @@ def _version_or_alias(ref: int | str, what: str) -> tuple[int | None, str | None
     return check_version_number(ref, what), None
 
 
-def _key(given, kind: type, loader, what: str, half: str):
-    """None, a key object of `kind`, or the path of its PEM file (loaded); anything else is refused."""
+def load_key(given, kind: type, loader, what: str, half: str):
+    """None, a key object of `kind`, or the path of its PEM file (loaded); anything else is refused (Lesson 04, §6)."""
     if given is None or isinstance(given, kind):
         return given
     if isinstance(given, (str, os.PathLike)):
@@ -610,6 +629,21 @@ def _is_export(path: Path) -> bool:
 def _fields(record, *leave_out: str) -> dict:
     """A record's fields as a dict, for export."""
     return {key: getattr(record, key) for key in type(record).__dataclass_fields__ if key not in leave_out}
+
+
+def rollback_target(current: ModelVersion, alias: str, events: list[AliasEvent], existing) -> int:
+    """The version rollback moves `alias` to: the holder before `current`, skipping deleted ones (Lesson 04, §3).
+
+    RegistryError when the history (`events`, oldest first) holds no earlier version still in `existing`.
+    """
+    existing = set(existing)
+    earlier = [v for v in _holders(events)[:-1] if v != current.version and v in existing]
+    if not earlier:
+        raise RegistryError(f"nothing left to undo: {current.name}@{alias} points at v{current.version} and its "
+                            "history holds no earlier version to go back to (moves already rolled back "
+                            "are not undone twice, deleted versions are skipped); use set_alias() to "
+                            "choose one")
+    return earlier[-1]
 
 
 def _holders(events: list[AliasEvent]) -> list[int]:

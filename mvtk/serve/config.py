@@ -21,7 +21,8 @@ DEFAULT_PORT = 8000
 @dataclass(frozen=True)
 class ServeConfig:
     """Every setting of the service, with the course's defaults (Lesson 10, §3)."""
-    registry: str = "registry"        # the registry folder (default: $MVTK_REGISTRY, else ./registry)
+    registry: str = "registry"        # the registry folder (default: $MVTK_REGISTRY, else ./registry),
+    #                                   or an MLflow server's URL such as http://127.0.0.1:5000 (Lesson 11, §6)
     model: str = "digits"             # the registered name to serve
     alias: str = "production"         # the alias to follow: the service serves whatever it points to
     host: str = DEFAULT_HOST
