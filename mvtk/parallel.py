@@ -323,7 +323,8 @@ def compare_batch_norm(rank: int, world_size: int, *, steps: int = 3, global_bat
 
 def torchrun_command(target: str | os.PathLike | Sequence[str] = (), *script_args, nproc: int = 2, nnodes: int = 1,
                      rdzv_endpoint: str | None = None, rdzv_id: str = "mvtk", program: Sequence[str] = TORCHRUN,
-                     kwargs: Mapping[str, Any] | None = None, max_restarts: int = 0) -> list[str]:
+                     kwargs: Mapping[str, Any] | None = None, max_restarts: int = 0,
+                     backend: str | None = None) -> list[str]:
     """The torchrun command that runs `target` in `nproc` processes on each of `nnodes` machines (Lesson 05, §4-§5).
 
     `target`: a script path ending in .py, a module ('pkg.train'), or a function 'pkg.train:main' (run by
@@ -333,6 +334,8 @@ def torchrun_command(target: str | os.PathLike | Sequence[str] = (), *script_arg
     `rdzv_endpoint` ('127.0.0.1:PORT'). Several: every machine runs the same command, meeting at
     `rdzv_endpoint`. `max_restarts` N > 0 adds --max-restarts=N: when a process dies, torchrun stops
     the others and starts the whole group again, up to N times (the course's script then resumes).
+    `backend` ('gloo' or 'nccl') is a function target's process-group backend (default: nccl with a GPU
+    per process, else gloo); a script or module sets up its own group, so it takes none.
     """
     check_positive_int(nproc, "nproc", ParallelError)
     check_positive_int(nnodes, "nnodes", ParallelError)
@@ -348,22 +351,23 @@ def torchrun_command(target: str | os.PathLike | Sequence[str] = (), *script_arg
         command += [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}",
                     f"--rdzv-id={rdzv_id}"]
     restarts = [f"--max-restarts={max_restarts}"] if max_restarts else []
-    return command + [*restarts, f"--nproc_per_node={nproc}", *_program(target, script_args, kwargs)]
+    return command + [*restarts, f"--nproc_per_node={nproc}", *_program(target, script_args, kwargs, backend)]
 
 
 def launch(target: str | os.PathLike | Sequence[str] = (), *script_args, nproc: int = 2,
            cwd: str | os.PathLike | None = None, threads: int | None = None, timeout: float = 600,
            kwargs: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None, max_restarts: int = 0,
-           rdzv_endpoint: str | None = None) -> subprocess.CompletedProcess:
+           rdzv_endpoint: str | None = None, backend: str | None = None) -> subprocess.CompletedProcess:
     """Run `target` under torchrun on this machine in a subprocess and return its output (Lesson 05, §4-§5).
 
     `target` as in `torchrun_command`: 'train.py' (a script; relative to `cwd`), 'pkg.train' (a module),
     'pkg.train:main' (a function main(rank, world_size, **kwargs), its JSON-able return values read back
     with `returned_values`), or a list of arguments for the course's script. `cwd` is on the workers'
     import path. Each process gets `threads` CPU threads (default: the cores shared out); `env` adds
-    environment variables. `max_restarts` and `rdzv_endpoint` (default: --standalone) as in
-    `torchrun_command`. A failed run raises ParallelError with the workers' errors; so does a run still
-    going after `timeout` seconds, once torchrun and every worker (its own session) have been killed.
+    environment variables. `max_restarts`, `rdzv_endpoint` (default: --standalone) and `backend` (a
+    function target's) as in `torchrun_command`. A failed run raises ParallelError with the workers'
+    errors; so does a run still going after `timeout` seconds, once torchrun and every worker (its own
+    session) have been killed.
     """
     base = Path(cwd) if cwd is not None else Path.cwd()
     if isinstance(target, (str, os.PathLike)) and _is_script(target) and not (base / target).is_file():
@@ -375,7 +379,7 @@ def launch(target: str | os.PathLike | Sequence[str] = (), *script_args, nproc: 
                                                                       if variables.get("PYTHONPATH") else []))
     variables.update(env or {})
     command = torchrun_command(target, *script_args, nproc=nproc, kwargs=kwargs, max_restarts=max_restarts,
-                               rdzv_endpoint=rdzv_endpoint)
+                               rdzv_endpoint=rdzv_endpoint, backend=backend)
     with tempfile.TemporaryDirectory(prefix="mvtk-parallel-") as results:
         variables[RESULTS_ENV] = results
         result = _run_in_own_session(command, cwd, variables, timeout)
@@ -554,8 +558,15 @@ def _is_script(target) -> bool:
     return isinstance(target, os.PathLike) or str(target).endswith(".py")
 
 
-def _program(target, script_args: Sequence, kwargs: Mapping[str, Any] | None) -> list[str]:
+def _program(target, script_args: Sequence, kwargs: Mapping[str, Any] | None,
+             backend: str | None = None) -> list[str]:
     """What follows torchrun's own flags: the script, module or function to run, with its arguments."""
+    if backend is not None and backend not in BACKENDS:
+        raise ParallelError(f"unknown backend {backend!r}; expected one of {BACKENDS} or None "
+                            "('gloo' for CPUs, 'nccl' for NVIDIA GPUs)")
+    if backend is not None and not (isinstance(target, str) and _FUNCTION.match(target)):
+        raise InvalidArgumentError(f"backend= sets the process group of a function target 'pkg.mod:fn'; {target!r} "
+                                   "sets up its own: give it the backend in its own arguments")
     if not isinstance(target, (str, os.PathLike)):  # a list of arguments for the course's script
         if script_args or kwargs:
             raise InvalidArgumentError("pass the course script's arguments as one list, e.g. ['--epochs', 3], or "
@@ -567,7 +578,8 @@ def _program(target, script_args: Sequence, kwargs: Mapping[str, Any] | None) ->
         if script_args:
             raise InvalidArgumentError(f"a function target {target!r} takes keyword arguments (kwargs={{...}}), "
                                        f"not command-line arguments {list(script_args)!r}")
-        return ["-m", "mvtk.parallel", "run", str(target), "--kwargs-json", _kwargs_json(kwargs)]
+        return ["-m", "mvtk.parallel", "run", str(target), "--kwargs-json", _kwargs_json(kwargs),
+                *(["--backend", backend] if backend else [])]
     elif _MODULE.match(str(target)):
         program = ["-m", str(target)]
     else:

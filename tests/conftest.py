@@ -92,3 +92,12 @@ def put_in_the_way(tmp_path):
         else:
             os.mkfifo(path)
     return replace
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread in this process: small models train fastest so, and on 2 busy cores 2 threads mostly wait."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

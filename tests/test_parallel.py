@@ -19,17 +19,11 @@ from mvtk.errors import ArchitectureMismatchError, InvalidArgumentError, Paralle
 from mvtk.models import MLP, MODELS, build_model
 from mvtk.train import evaluate, fit
 
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 EPOCHS = 5  # the recipe both the DDP run and the single-process run use
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="nn.DataParallel behaves as on a CPU-only machine")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread per process: on 2 busy cores, 2 OpenMP threads mostly wait for each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
