@@ -254,7 +254,7 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader | Non
         restore_best: bool = False, device: torch.device | str | None = None,
         history: History | None = None, on_epoch_end: Callable[[int, History], bool | None] | None = None,
         progress: bool = True, task: str | None = None, top_k: int | None = None) -> History:
-    """Train for `epochs` epochs, validating after each; returns the History (Lesson 02, §5-§8).
+    """Train for `epochs` epochs, validating after each; returns the History (Lesson 02, §5-§9).
 
     - `task`: 'classification', 'regression' or None (read from the targets); `loss_fn` defaults to the
       task's loss (LOSSES: cross-entropy, MSE); `top_k`: also record top-k accuracy (classification).
