@@ -13,15 +13,30 @@ export OMP_WAIT_POLICY ?= PASSIVE
 NBVAL  := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
           --nbval-kernel-startup-timeout 180
 
-.PHONY: lab test unit nbval e2e notebooks student bench clean
+# The classroom (issue 20): Otter Assign writes the student release and the autograders; grading runs
+# each submission in this environment (`otter run`'s API, no container). See README, "Teaching with mvtk".
+STUDENT    ?= student
+AUTOGRADER ?= autograder
+OTTER_BUILD ?= build/otter
+OTTER_ASSIGN_ARGS ?=  # e.g. --no-run-tests: skip running the checks against the teacher's solutions
+SUBMISSIONS ?=
+GRADES     ?= grades.csv
+# `make lab` and `make student-lab` read jupyter/ (no news, update or extension-manager look-ups).
+LAB := JUPYTER_CONFIG_PATH=$(CURDIR)/jupyter$${JUPYTER_CONFIG_PATH:+:$$JUPYTER_CONFIG_PATH} $(BIN)/jupyter lab
+
+.PHONY: lab student-lab test unit nbval e2e notebooks normalise student grade bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev]'
 	touch $(STAMP)
 
-lab: $(STAMP)  ## open JupyterLab on the course
-	$(BIN)/jupyter lab --notebook-dir=notebooks $(LAB_ARGS)
+lab: $(STAMP)  ## open JupyterLab on the course (the teacher's copy: solutions included)
+	$(LAB) --notebook-dir=notebooks $(LAB_ARGS)
+
+student-lab: $(STAMP)  ## open JupyterLab on the student release in student/ (made first if missing)
+	@test -d $(STUDENT) || $(MAKE) --no-print-directory student
+	$(LAB) --notebook-dir=$(STUDENT) $(LAB_ARGS)
 
 test: $(STAMP)  ## unit tests, lint/recipe/student tests, every notebook under nbval, browser tests
 	$(PYTEST) -n 2 --dist loadscope $(NBVAL) tests notebooks
@@ -38,15 +53,30 @@ e2e: $(STAMP)  ## browser tests only: every notebook run in JupyterLab in headle
 notebooks: $(STAMP)  ## re-execute notebooks in place, fresh kernel, on the CPU
 	MVTK_DEVICE=cpu CUDA_VISIBLE_DEVICES= $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
 	    --ExecutePreprocessor.timeout=600 $(NOTEBOOKS)
+	$(BIN)/python -m mvtk.classroom normalise $(NOTEBOOKS)
 
-student: $(STAMP)  ## student copies (outputs cleared, solutions replaced) in student/
-	$(BIN)/python -m mvtk.student notebooks student
+normalise: $(STAMP)  ## give notebooks the kernel metadata JupyterLab writes, so they open unmodified
+	$(BIN)/python -m mvtk.classroom normalise $(NOTEBOOKS)
+
+student: $(STAMP)  ## the student release in student/ (Otter Assign: solutions out, checks kept), autograders in autograder/
+	@set -e; rm -rf $(OTTER_BUILD); for nb in $(NOTEBOOKS); do \
+	    if grep -q '"# ASSIGNMENT CONFIG' "$$nb"; then \
+	        echo "otter assign $$nb"; \
+	        $(BIN)/otter assign --no-pdfs $(OTTER_ASSIGN_ARGS) "$$nb" "$(OTTER_BUILD)/$$(basename "$$nb" .ipynb)"; \
+	    else \
+	        echo "skipped $$nb: its exercises are not in Otter's format yet (no # ASSIGNMENT CONFIG cell)"; \
+	    fi; \
+	done
+	$(BIN)/python -m mvtk.classroom collect $(OTTER_BUILD) $(STUDENT) $(AUTOGRADER)
+
+grade: $(STAMP)  ## grade SUBMISSIONS=folder (alice/00_setup.ipynb, …) into $(GRADES): one row per student and exercise
+	$(BIN)/python -m mvtk.classroom grade "$(SUBMISSIONS)" $(AUTOGRADER) $(GRADES)
 
 bench: $(STAMP)  ## run every benchmark and print its table
 	set -e; for script in benchmarks/*.py; do echo "== $$script"; $(BIN)/python $$script; done
 
 clean:
-	rm -rf runs notebooks/runs student screenshots .pytest_cache
+	rm -rf runs notebooks/runs $(STUDENT) $(AUTOGRADER) $(OTTER_BUILD) screenshots .pytest_cache
 
 .PHONY: serve
 SERVE_PORT ?= 8000

@@ -1,46 +1,187 @@
-"""`make student` writes student copies: outputs cleared, solutions replaced, nothing else changed."""
+"""`make student` and `make grade` (issue 20): Otter Assign's release hides the solutions and keeps the checks;
+graded, a correct answer passes and an untouched student copy fails, one CSV row per student and exercise.
+
+Only the lessons already in Otter's format (a raw `# ASSIGNMENT CONFIG` first cell) are released and graded.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import re
 import subprocess
-import sys
+import tempfile
+from pathlib import Path
 
 import nbformat
 import pytest
+import yaml
 
+from mvtk.classroom import CSV_COLUMNS, collect, grade_folder, main, normalise
 from mvtk.errors import InvalidArgumentError
-from mvtk.student import PLACEHOLDER, student_copy, write_student_copies
-from notebook_utils import NOTEBOOK_DIR, NOTEBOOKS, ROOT, code_cells, read, tagged
+from notebook_utils import NOTEBOOKS, ROOT, code_cells, read, tagged
+
+STAMP = ".venv/.installed-from-pyproject"
+CONVERTED = [p for p in NOTEBOOKS if read(p).cells[0].cell_type == "raw"
+             and read(p).cells[0].source.startswith("# ASSIGNMENT CONFIG")]
+MARKERS = ("# BEGIN SOLUTION", "# END SOLUTION")
+# Grading runs each submission's whole notebook, twice per lesson: by default only the short first lessons
+# (00's exercises are the worked example); MVTK_GRADE_ALL=1 grades every converted lesson.
+GRADED = [p for p in CONVERTED if os.environ.get("MVTK_GRADE_ALL") == "1" or p.stem in ("00_setup", "01_define")]
 
 
-def test_student_copy_clears_outputs_and_hides_solutions():
-    for path in NOTEBOOKS:
-        original = read(path)
-        copy = student_copy(original)
-        assert len(copy.cells) == len(original.cells)
-        assert all(cell.outputs == [] and cell.execution_count is None for cell in code_cells(copy))
-        solutions = tagged(original, "solution")
-        assert solutions, f"{path.name} has no solution cells"
-        hidden = [c for c in code_cells(copy) if "your-turn" in c.metadata.get("tags", [])]
-        assert len(hidden) == len(solutions) and all(c.source == PLACEHOLDER for c in hidden)
-        for before, after in zip(original.cells, copy.cells):
-            if "solution" not in before.metadata.get("tags", []):
-                assert before.source == after.source
+def make(*args: str) -> subprocess.CompletedProcess:
+    """`make …` in the repository, never reinstalling the venv (`-o` the stamp), as a fresh make."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    return subprocess.run(["make", "--no-print-directory", "-o", STAMP, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
 
 
-def test_student_copy_leaves_the_teacher_notebook_untouched():
-    original = read(NOTEBOOKS[0])
-    snapshot = nbformat.writes(original)
-    student_copy(original)
-    assert nbformat.writes(original) == snapshot
+def auto_checked(path: Path) -> list[str]:
+    """The names of the notebook's Otter questions that have tests (not `manual: true`), in order."""
+    configs = [yaml.safe_load(c.source) for c in read(path).cells
+               if c.cell_type == "raw" and c.source.startswith("# BEGIN QUESTION")]
+    return [config["name"] for config in configs if not config.get("manual")]
 
 
-def test_make_student_writes_every_notebook(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "mvtk.student", str(NOTEBOOK_DIR), str(tmp_path / "student")],
-                            cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    written = sorted(p.name for p in (tmp_path / "student").glob("*.ipynb"))
-    assert written == [p.name for p in NOTEBOOKS]
-    assert not list((tmp_path / "student").glob("*.tmp"))
+def answer_cells(notebook) -> list:
+    return [c for c in code_cells(notebook) if "otter_answer_cell" in c.metadata.get("tags", [])]
 
 
-def test_student_copies_from_a_folder_without_notebooks_fail_clearly(tmp_path):
-    with pytest.raises(InvalidArgumentError, match="no lesson notebooks"):
-        write_student_copies(tmp_path, tmp_path / "out")
+def solution_lines(cell) -> tuple[list[str], set[str]]:
+    """A teacher's solution cell's lines between its BEGIN/END SOLUTION markers, and those outside (stripped)."""
+    inside, lines, outside = False, [], set()
+    for line in cell.source.splitlines():
+        if line.strip() in MARKERS:
+            inside = line.strip() == MARKERS[0]
+        elif line.strip():
+            (lines.append if inside else outside.add)(line.strip())
+    return lines, outside
+
+
+@pytest.fixture(scope="module")
+def release():
+    """`make student` over a snapshot of the converted lessons (teacher/), into a temporary folder; the checks
+    are not rerun against the solutions there (nbval runs them)."""
+    if not CONVERTED:
+        pytest.skip("no lesson has an ASSIGNMENT CONFIG cell yet")
+    with tempfile.TemporaryDirectory(prefix="mvtk-release-") as name:
+        folder = Path(name)
+        (folder / "teacher").mkdir()
+        before = {path.name: path.read_bytes() for path in CONVERTED}
+        for file_name, data in before.items():
+            (folder / "teacher" / file_name).write_bytes(data)
+        result = make("student", f"NOTEBOOKS={' '.join(str(folder / 'teacher' / n) for n in before)}",
+                      f"STUDENT={folder / 'student'}", f"AUTOGRADER={folder / 'autograder'}",
+                      f"OTTER_BUILD={folder / 'build'}", "OTTER_ASSIGN_ARGS=--no-run-tests")
+        assert result.returncode == 0, result.stdout + result.stderr
+        after = {n: (folder / "teacher" / n).read_bytes() for n in before}
+        assert after == before, "make student changed a teacher's notebook"
+        yield folder
+
+
+@pytest.fixture(params=CONVERTED, ids=[p.stem for p in CONVERTED])
+def lesson(request, release):
+    path = release / "teacher" / request.param.name
+    return path, read(path), read(release / "student" / path.name)
+
+
+def test_the_release_holds_one_student_notebook_and_one_autograder_per_lesson(release):
+    assert sorted(p.name for p in (release / "student").iterdir()) == [p.name for p in CONVERTED]
+    assert sorted(p.name for p in (release / "autograder").iterdir()) == [f"{p.stem}.zip" for p in CONVERTED]
+
+
+def test_student_copies_keep_the_starter_code_but_not_the_solutions(lesson):
+    path, teacher, student = lesson
+    solutions, answers = tagged(teacher, "solution"), answer_cells(student)
+    assert len(answers) == len(solutions), f"{path.name}: one answer cell per solution cell"
+    for solution, answer in zip(solutions, answers):
+        starter = "\n".join(line for line in solution.source.split(MARKERS[0])[0].splitlines()
+                             if not re.match(r"\s*#\s*NBVAL_", line)).strip()  # the marker is the teacher's
+        assert answer.source.startswith(starter), f"{path.name}: the starter code is kept"
+        hidden, handed_out = solution_lines(solution)
+        leaked = [line for line in hidden if line in {shown.strip() for shown in answer.source.splitlines()} - handed_out]
+        assert not leaked, f"{path.name}: solution lines {leaked} are in the student copy"
+    inside, model_answers = False, []
+    for cell in teacher.cells:
+        if cell.cell_type == "raw" and cell.source.strip() in MARKERS:
+            inside = cell.source.strip() == MARKERS[0]
+        elif inside and cell.cell_type == "markdown":
+            model_answers.append(cell.source.strip())
+    shown = [c.source.strip() for c in student.cells if c.cell_type == "markdown"]
+    assert not set(model_answers) & set(shown), f"{path.name}: a written model answer is in the student copy"
+
+
+def test_student_copies_keep_one_check_per_exercise_and_its_public_tests(lesson):
+    path, _, student = lesson
+    names = auto_checked(path)
+    checks = [c.source for c in code_cells(student) if c.source.startswith("grader.check(")]
+    assert checks == [f'grader.check("{name}")' for name in names]
+    assert code_cells(student)[0].source.endswith(f'grader = otter.Notebook("{path.name}")')
+    tests = student.metadata["otter"]["tests"]
+    assert sorted(tests) == sorted(names) and all("hidden=False" in source for source in tests.values())
+
+
+def test_student_copies_carry_no_harness_markers_outputs_or_teacher_tags(lesson):
+    path, _, student = lesson
+    assert not [c for c in student.cells if c.cell_type == "raw"], f"{path.name}: Otter's raw cells are gone"
+    for cell in student.cells:
+        assert not re.search(r"^\s*#\s*NBVAL_|<!-- (BEGIN|END) QUESTION -->", cell.source, re.MULTILINE), cell.source
+        assert "solution" not in cell.metadata.get("tags", []) and "execution" not in cell.metadata
+    assert all(c.outputs == [] and c.execution_count is None for c in code_cells(student))
+    assert not normalise(student), f"{path.name}: the student copy's kernel metadata is not what JupyterLab writes"
+
+
+@pytest.mark.slow
+def test_make_grade_passes_correct_answers_and_fails_untouched_copies(release):
+    """One correct and one wrong submission per exercise: the teacher's solutions typed into the student copy
+    (alice/NN_topic.ipynb), and the untouched student copy (bob_NN_topic.ipynb, the flat naming)."""
+    submissions, graded = release / "submissions", [release / "teacher" / path.name for path in GRADED]
+    (submissions / "alice").mkdir(parents=True)
+    for path in graded:
+        student = read(release / "student" / path.name)
+        nbformat.write(student, submissions / f"bob_{path.name}")
+        for solution, answer in zip(tagged(read(path), "solution"), answer_cells(student)):
+            answer.source = "\n".join(l for l in solution.source.splitlines() if l.strip() not in MARKERS)
+        nbformat.write(student, submissions / "alice" / path.name)
+    grades = release / "grades.csv"
+    result = make("grade", f"SUBMISSIONS={submissions}", f"AUTOGRADER={release / 'autograder'}", f"GRADES={grades}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    with open(grades, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        assert reader.fieldnames == CSV_COLUMNS
+        rows = sorted(tuple(row.values()) for row in reader)
+    expected = sorted([(who, path.stem, name, passed, points) for path in graded for name in auto_checked(path)
+                       for who, passed, points in (("alice", "true", "1"), ("bob", "false", "0"))])
+    assert rows == expected
+    assert sorted(p.name for p in release.iterdir() if p.is_file()) == ["grades.csv"], "a temporary file was left"
+
+
+def test_normalise_writes_the_kernelspec_jupyterlab_writes_once():
+    notebook = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                                 "language": "python"}})
+    assert normalise(notebook) and not normalise(notebook)
+    assert notebook.metadata.kernelspec.name == "python3" and notebook.nbformat_minor == 5
+
+
+def test_collect_without_otter_output_fails_clearly(tmp_path):
+    with pytest.raises(InvalidArgumentError, match="no Otter Assign output"):
+        collect(tmp_path, tmp_path / "student", tmp_path / "autograder")
+
+
+def test_grading_fails_clearly_on_bad_input(tmp_path):
+    with pytest.raises(InvalidArgumentError, match="does not exist"):
+        grade_folder(tmp_path / "missing", tmp_path, tmp_path / "grades.csv")
+    with pytest.raises(InvalidArgumentError, match="run `make student` first"):
+        grade_folder(tmp_path, tmp_path, tmp_path / "grades.csv")
+    (tmp_path / "autograder").mkdir()
+    (tmp_path / "autograder" / "00_setup.zip").write_bytes(b"")
+    (tmp_path / "alice").mkdir()
+    (tmp_path / "alice" / "homework.ipynb").write_text("{}")
+    with pytest.raises(InvalidArgumentError, match="matches no lesson"):
+        grade_folder(tmp_path / "alice", tmp_path / "autograder", tmp_path / "grades.csv")
+    assert not (tmp_path / "grades.csv").exists()
+
+
+def test_make_grade_without_a_folder_says_how_to_call_it(capsys):
+    assert main(["grade", "", "autograder", "grades.csv"]) == 2
+    assert "make grade SUBMISSIONS=folder" in capsys.readouterr().err

@@ -86,8 +86,8 @@ def isolated_jupyter_env(workdir: Path) -> dict[str, str]:
     return env
 
 
-def write_lab_settings(settings_dir: Path) -> None:
-    for name, values in LAB_SETTINGS.items():
+def write_lab_settings(settings_dir: Path, settings: dict = LAB_SETTINGS) -> None:
+    for name, values in settings.items():
         path = settings_dir / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(values))
@@ -117,7 +117,10 @@ def stop_process_group(process: subprocess.Popen, sig: int = signal.SIGTERM, tim
 class LabServer:
     """`jupyter lab` on 127.0.0.1 with a free port and a random token, serving `root`."""
 
-    def __init__(self, root: Path, workdir: Path):
+    def __init__(self, root: Path, workdir: Path, *, options: list[str] = OFFLINE_OPTIONS,
+                 settings: dict = LAB_SETTINGS, config_path: Path | None = None):
+        """`options` and `settings` make it offline and quiet; a test of the shipped jupyter/ folder passes
+        `config_path` (put on JUPYTER_CONFIG_PATH, as `make lab` does) and only the settings it needs."""
         self.root = root
         self.token = secrets.token_hex(16)
         self.port = free_port()
@@ -125,12 +128,14 @@ class LabServer:
         self.log_path = workdir / "jupyter-lab.log"
         self._shutdowns: list[threading.Thread] = []
         env = isolated_jupyter_env(workdir)
-        write_lab_settings(workdir / "settings")
+        if config_path is not None:
+            env["JUPYTER_CONFIG_PATH"] = str(config_path)
+        write_lab_settings(workdir / "settings", settings)
         command = [str(JUPYTER), "lab", "--no-browser", "--ServerApp.ip=127.0.0.1",
                    f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0",
                    f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={root}",
                    f"--LabApp.user_settings_dir={workdir / 'settings'}",
-                   f"--LabApp.workspaces_dir={workdir / 'workspaces'}", *OFFLINE_OPTIONS]
+                   f"--LabApp.workspaces_dir={workdir / 'workspaces'}", *options]
         if hasattr(os, "geteuid") and os.geteuid() == 0:  # CI containers run as root
             command.append("--allow-root")
         with open(self.log_path, "wb") as log:
