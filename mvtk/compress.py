@@ -3,8 +3,9 @@
 `measure` gives every variant the same report card (weights, sparsity, file and gzip size of
 its saved state_dict, test accuracy, CPU latency at batch 1 and 256, and its speed ratio to the
 baseline, timed in turns with it so both see the same machine load). Pruning wraps
-`torch.nn.utils.prune`, int8 wraps `torch.ao.quantization.quantize_dynamic` and
-`torchao.quantization.quantize_`; distillation is one short training loop.
+`torch.nn.utils.prune`, int8 and quantization-aware training wrap torchao (`quantize_`, eager or under
+`torch.compile`); distillation is one short training loop. Nothing here uses the deprecated
+`torch.ao.quantization` (Lesson 06 shows it once, as a labelled legacy comparison).
 """
 from __future__ import annotations
 
@@ -34,10 +35,11 @@ from mvtk.timing import median_latencies
 from mvtk.train import DEFAULT_LR, TASKS, call_model, check_outputs, evaluate, infer_task, train_step, unpack_batch
 
 __all__ = [
-    "LATENCY_THREADS", "LATENCY_BATCHES", "LATENCY_ROUNDS", "PRUNABLE", "INT8_BACKENDS", "HALF_DTYPES",
+    "LATENCY_THREADS", "LATENCY_BATCHES", "LATENCY_ROUNDS", "PRUNABLE", "INT8_MODES", "HALF_DTYPES",
     "GZIP_LEVEL", "GZIP_SHA256_ID", "UNLABELLED", "Measurement", "measure", "saved_size", "latencies_ms", "report",
     "plot_tradeoff", "on_cpu", "layer_values", "sparsity", "prune_layer", "prune_global", "prune_neurons",
-    "make_permanent", "drop_pruned_neurons", "cast", "quantize_int8", "save_compressed", "load_compressed",
+    "make_permanent", "drop_pruned_neurons", "cast", "int8_config", "quantize_int8", "compile_for_cpu",
+    "prepare_qat", "convert_qat", "save_compressed", "load_compressed",
     "split_labelled", "distillation_loss", "distill",
 ]
 
@@ -45,7 +47,7 @@ LATENCY_THREADS = 1           # one thread: latency does not depend on what else
 LATENCY_BATCHES = (1, 256)    # one request, and a batch where matrix kernels dominate
 LATENCY_ROUNDS = 10           # alternating timed blocks per model: short blocks, so a load spike hits every model
 PRUNABLE = (nn.Linear, nn.Conv2d)
-INT8_BACKENDS = ("torch.ao", "torchao")
+INT8_MODES = ("weight_only", "dynamic")  # torchao Int8WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 GZIP_LEVEL = 6                # gzip -6, the command-line default: level 9 is 10x slower for ~5% less
 GZIP_SHA256_ID = b"MV"        # the gzip extra subfield (RFC 1952, 2.3.1.1) that holds save_compressed's SHA-256
@@ -154,18 +156,20 @@ def latencies_ms(models: Sequence[nn.Module], example_shape: tuple[int, ...], ba
 def report(rows: Sequence[Measurement]) -> str:
     """A text table of `rows`: size and accuracy against row 0, latency and speed-up per batch (Lesson 06, §1).
 
-    `faster@b` is each row's `speedup`: the baseline's ms / the row's ms, timed in turns in one run.
+    `smaller` compares files, `÷gzip` gzip sizes (like with like); `faster@b` is each row's `speedup`:
+    the baseline's ms / the row's ms, timed in turns in one run.
     """
     if not rows:
         raise InvalidArgumentError("report needs at least one Measurement")
     base = rows[0]
     batches = sorted(base.latency_ms)
-    head = (f"{'variant':<26}{'weights':>9}{'sparse':>8}{'file kB':>9}{'gzip kB':>9}{'smaller':>9}"
+    head = (f"{'variant':<28}{'weights':>9}{'sparse':>8}{'file kB':>9}{'gzip kB':>9}{'smaller':>9}{'÷gzip':>8}"
             f"{'accuracy':>9}{'Δ points':>9}" + "".join(f"{f'ms@{b}':>9}{f'faster@{b}':>11}" for b in batches))
     lines = [head, "-" * len(head)]
     for r in rows:
-        line = (f"{r.name:<26}{r.weights:>9,}{r.sparsity:>8.1%}{r.file_bytes / 1000:>9.1f}{r.gzip_bytes / 1000:>9.1f}"
-                f"{base.file_bytes / r.file_bytes:>8.2f}x{r.accuracy:>9.3f}{100 * (r.accuracy - base.accuracy):>+9.1f}")
+        line = (f"{r.name:<28}{r.weights:>9,}{r.sparsity:>8.1%}{r.file_bytes / 1000:>9.1f}{r.gzip_bytes / 1000:>9.1f}"
+                f"{base.file_bytes / r.file_bytes:>8.2f}x{base.gzip_bytes / r.gzip_bytes:>7.2f}x"
+                f"{r.accuracy:>9.3f}{100 * (r.accuracy - base.accuracy):>+9.1f}")
         for b in batches:
             line += f"{r.latency_ms.get(b, float('nan')):>9.3f}{r.speedup.get(b, float('nan')):>10.2f}x"
         lines.append(line)
@@ -202,10 +206,10 @@ def layer_values(model: nn.Module) -> dict[str, torch.Tensor]:
     for module_name, module in model.named_modules():
         for attr in ("weight", "bias"):
             value = getattr(module, attr, None)
-            if callable(value) and not isinstance(value, torch.Tensor):  # torch.ao int8 layers: weight() / bias()
+            if callable(value) and not isinstance(value, torch.Tensor):  # legacy packed int8 layers: weight() / bias()
                 value = value()
             if isinstance(value, torch.Tensor):
-                if value.is_quantized or type(value) not in (torch.Tensor, nn.Parameter):  # int8: torch.ao, torchao
+                if value.is_quantized or type(value) not in (torch.Tensor, nn.Parameter):  # int8: torchao, legacy
                     value = value.dequantize()
                 values[f"{module_name}.{attr}".lstrip(".")] = value.detach().float()
     return values
@@ -333,30 +337,81 @@ def cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return half
 
 
-def quantize_int8(model: nn.Module, backend: str = "torch.ao") -> nn.Module:
-    """A CPU copy of `model` whose Linear layers compute in int8 (weights int8, activations int8 per batch).
+def int8_config(mode: str = "dynamic"):
+    """The torchao config for `mode`: Int8WeightOnlyConfig or Int8DynamicActivationInt8WeightConfig (Lesson 06, §6).
 
-    Lesson 06, §6. Pruning is made permanent on the copy first (`make_permanent`); the caller's model
-    keeps its masks. Convolutions stay float (int8 convolutions: ONNX Runtime, Lesson 07). backend "torch.ao": torch.ao.quantization.quantize_dynamic (fast fbgemm kernels, but
-    deprecated in favour of torchao; its deprecation warnings are silenced here, the lesson shows them).
-    backend "torchao": torchao.quantization.quantize_ with Int8DynamicActivationInt8WeightConfig
-    (the maintained path; slow on CPU without torch.compile).
+    "weight_only": int8 weights, float activations (the weights are dequantized in the matmul).
+    "dynamic": int8 weights and int8 activations, scaled per row of each batch at run time.
     """
-    if backend not in INT8_BACKENDS:
-        raise InvalidArgumentError(f"unknown int8 backend {backend!r}; expected one of {INT8_BACKENDS}")
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
+
+    if mode not in INT8_MODES:
+        raise InvalidArgumentError(f"unknown int8 mode {mode!r}; expected one of {INT8_MODES}")
+    return Int8WeightOnlyConfig() if mode == "weight_only" else Int8DynamicActivationInt8WeightConfig()
+
+
+def quantize_int8(model: nn.Module, mode: str = "dynamic", *, compiled: bool = False) -> nn.Module:
+    """A CPU copy of `model` whose nn.Linear layers hold int8 weights (torchao `quantize_`) (Lesson 06, §6).
+
+    `mode` "dynamic" (int8 activations too) or "weight_only": see `int8_config`. Pruning is made
+    permanent on the copy first (`make_permanent`); the caller's model is not changed. Other layers
+    (convolutions, norms) stay float: torchao's int8 configs target Linear layers. `compiled=True`
+    wraps the copy in `compile_for_cpu` (torch.compile with weight freezing, for inductor's int8 CPU kernels);
+    the first call compiles, which takes seconds, and a frozen model ignores later weight changes.
+    """
+    from torchao.quantization import quantize_
+
+    config = int8_config(mode)
     if not any(isinstance(m, nn.Linear) for m in check_module(model).modules()):
-        raise InvalidArgumentError(f"{type(model).__name__} has no nn.Linear layer to quantize")
+        raise InvalidArgumentError(f"{type(model).__name__} has no nn.Linear layer to quantize: torchao's int8 configs "
+                                   "quantize Linear layers only (int8 convolutions: ONNX Runtime, Lesson 07)")
     cpu = on_cpu(model)
     model = make_permanent(copy_model(model) if cpu is model else cpu).eval()  # never change the caller's model
-    if backend == "torch.ao":
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
-            warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor.*deprecated")
-            return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
-    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    quantize_(model, config)
+    return compile_for_cpu(model) if compiled else model
 
-    quantize_(model, Int8DynamicActivationInt8WeightConfig())
+
+def compile_for_cpu(model: nn.Module) -> nn.Module:
+    """`torch.compile(model)` with one graph per input shape and inductor's weight freezing (Lesson 06, §6).
+
+    Freezing folds the weights into the compiled graph as constants, which lets inductor pick its
+    fused CPU kernels (int8 ones included); nothing compiles until the first call.
+    """
+    return torch.compile(check_module(model), dynamic=False, options={"freezing": True})
+
+
+def prepare_qat(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose nn.Linear layers fake-quantize to int8 in training (torchao QAT) (Lesson 06, §9).
+
+    The forward pass rounds weights (per output row, symmetric, as `quantize_int8` does) and inputs (per
+    row of each batch; asymmetric, the only per-row mode torchao's fake quantizer has) to int8 and back,
+    while gradients pass straight through (the straight-through estimator). Train the copy as usual (a few
+    epochs from the float model), then `convert_qat` makes the real int8 model.
+    """
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
+
+    if not any(isinstance(m, nn.Linear) for m in check_module(model).modules()):
+        raise InvalidArgumentError(f"{type(model).__name__} has no nn.Linear layer to train for int8: torchao's QAT "
+                                   "fake-quantizes Linear (and Embedding) layers only")
+    model = make_permanent(copy_model(model))
+    quantize_(model, QATConfig(activation_config=IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False),
+                               weight_config=IntxFakeQuantizeConfig(torch.int8, "per_channel", is_symmetric=True),
+                               step="prepare"))
     return model
+
+
+def convert_qat(model: nn.Module, *, compiled: bool = False) -> nn.Module:
+    """A CPU int8 copy of a `prepare_qat` model: fake quantization removed, then `quantize_int8` (Lesson 06, §9)."""
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import FakeQuantizedLinear, QATConfig
+
+    if not any(isinstance(m, FakeQuantizedLinear) for m in check_module(model).modules()):
+        raise InvalidArgumentError(f"{type(model).__name__} has no fake-quantized layer: convert_qat takes a model "
+                                   "made by prepare_qat (and then trained)")
+    model = copy_model(model)
+    quantize_(model, QATConfig(step="convert"))  # FakeQuantizedLinear -> nn.Linear, same weights
+    return quantize_int8(model, "dynamic", compiled=compiled)
 
 
 def save_compressed(model: nn.Module, path: str | os.PathLike) -> int:
@@ -573,7 +628,7 @@ def _set_module(model: nn.Module, layer: str, new: nn.Module) -> None:
 
 def _state_dict_bytes(model: nn.Module) -> bytes:
     buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
+    torch.save(getattr(model, "_orig_mod", model).state_dict(), buffer)  # a torch.compile wrapper: the model's own keys
     return buffer.getvalue()
 
 

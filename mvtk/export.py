@@ -8,6 +8,7 @@ into a cache keyed by its SHA-256, behind input validation.
 from __future__ import annotations
 
 import copy
+import gzip
 import hashlib
 import hmac
 import inspect
@@ -28,11 +29,14 @@ import torch
 from torch import nn
 
 from mvtk.checkpoint.program import BATCH_DIM, check_pt2_archive, export_program, load_program
-from mvtk.errors import (ExportError, check_path, InputShapeError, IntegrityError, InvalidArgumentError, check_module,
+from mvtk.compress import (GZIP_LEVEL, cast, convert_qat, drop_pruned_neurons, prepare_qat, prune_global, prune_neurons,
+                           quantize_int8, saved_size)
+from mvtk.errors import (ExportError, check_int, check_path, InputShapeError, IntegrityError, InvalidArgumentError, check_module,
                          check_positive_int)
 from mvtk.files import atomic_write, sha256_bytes, sha256_file, write_bytes_atomic, write_error
 from mvtk.models import MODELS, copy_model, eval_mode, model_device, sample_shape, unwrap
 from mvtk.timing import median_latencies
+from mvtk.train import fit
 
 __all__ = [
     "INPUT_NAME", "OUTPUT_NAME", "BATCH_DIM", "PARITY_RTOL", "PARITY_ATOL", "INT8_OP_TYPES", "SOURCE_TRACE_KEY",
@@ -40,8 +44,10 @@ __all__ = [
     "io_names",
     "predict_logits", "manifest_path", "write_manifest", "verify_manifest", "export_onnx", "drop_source_traces", "check_onnx", "OnnxSummary", "describe_onnx",
     "onnx_files", "onnx_size", "load_session", "run_onnx", "Parity", "check_parity", "Latency",
-    "compare_latency", "engine_latencies", "quantize_onnx", "save_exported", "check_pt2_archive", "load_exported",
-    "Prediction",
+    "compare_latency", "engine_latencies", "quantize_onnx", "CALIBRATION_SIZE", "CALIBRATION_BATCH",
+    "calibration_images", "quantize_onnx_static", "quantize_pt2e", "save_exported", "check_pt2_archive", "load_exported",
+    "MAP_PATHS", "MAP_BATCHES", "MAP_PRUNE_AMOUNT", "MAP_EVAL_BATCH", "MapEntry", "deployment_map", "map_table",
+    "plot_map", "Prediction",
     "Predictor", "cpu_eval_copy",
 ]
 
@@ -573,6 +579,106 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, *,
     return dst
 
 
+CALIBRATION_SIZE = 64       # training images that calibrate static int8: a tie with 256 on the digits (Lesson 07, §5)
+CALIBRATION_BATCH = 32      # images per calibration batch fed to ONNX Runtime or the PT2E observers
+
+
+def calibration_images(images: torch.Tensor, size: int = CALIBRATION_SIZE, *, seed: int = 0) -> torch.Tensor:
+    """`size` images drawn without replacement from `images` (the training split, never test) by `seed` (Lesson 07, §5)."""
+    images = _check_tensor(images, "images")
+    check_positive_int(size, "size")
+    if size > len(images):
+        raise InvalidArgumentError(f"size={size} calibration images asked for, but the split holds only {len(images)}")
+    return images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:size]]
+
+
+def quantize_onnx_static(src: str | os.PathLike, dst: str | os.PathLike, calibration: torch.Tensor | np.ndarray, *,
+                         per_channel: bool = True, batch_size: int = CALIBRATION_BATCH) -> Path:
+    """Write a static int8 (QDQ) copy of an ONNX model, activation ranges calibrated on `calibration` (Lesson 07, §5).
+
+    onnxruntime's quantize_static after quant_pre_process: weights int8 (per output channel when
+    `per_channel`), activations uint8 with a scale fixed from the min/max they reach on the
+    calibration batch (from the training split), Conv included. The graph's input must be float32
+    and `calibration` a non-empty batch of samples of its shape; a wrong shape, an empty batch or a
+    missing/invalid `src` raises an mvtk error naming it. One self-contained file with its manifest.
+    """
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    src, dst = check_path(src, "src"), _check_onnx_path(dst)
+    check_positive_int(batch_size, "batch_size")
+    _manifest_slot(dst)
+    check_onnx(src)
+    name, shape, dtype = describe_onnx(src).inputs[0]
+    array = _to_numpy(calibration, "calibration")
+    if array.ndim != len(shape) or tuple(array.shape[1:]) != tuple(shape[1:]) or len(array) == 0:
+        raise InvalidArgumentError(f"calibration must be a non-empty batch shaped like {src.name}'s input "
+                                   f"{name} {tuple(shape)}, got shape {tuple(array.shape)}")
+    if dtype != "float32" or not np.isfinite(array).all():
+        raise InvalidArgumentError(f"static int8 calibrates float32 inputs with finite values; {src.name} takes {dtype}, "
+                                   f"calibration holds {array.dtype} with {int((~np.isfinite(array)).sum())} NaN/inf")
+    batches = [{name: np.ascontiguousarray(array[i:i + batch_size], dtype=np.float32)}
+               for i in range(0, len(array), batch_size)]
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(batches)
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    try:
+        with tempfile.TemporaryDirectory() as work, atomic_write(dst) as tmp:
+            prepared = os.path.join(work, "prepared.onnx")
+            quant_pre_process(os.fspath(src), prepared)
+            quantize_static(prepared, os.fspath(tmp), Batches(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+            check_onnx(tmp)
+    except OSError as exc:
+        raise write_error(dst, exc, ExportError) from exc
+    write_manifest(dst)
+    return dst
+
+
+def quantize_pt2e(model: nn.Module, calibration: torch.Tensor, *, batch_size: int = CALIBRATION_BATCH) -> nn.Module:
+    """A static int8 copy of `model` by the PT2E flow: torch.export, X86InductorQuantizer, calibrate, convert (Lesson 07, §5).
+
+    The returned module holds int8 weights between quantize/dequantize nodes; it runs eagerly as a
+    reference, and torch.compile lowers it to int8 kernels. `calibration` (training images) sets the
+    activation scales; the batch dimension stays dynamic. The model itself is not changed.
+    """
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+
+    check_module(model)
+    calibration = _check_tensor(calibration, "calibration").detach().cpu()
+    check_positive_int(batch_size, "batch_size")
+    copy_ = cpu_eval_copy(model)
+    try:
+        with torch.no_grad():
+            copy_(calibration[:2])
+    except Exception as exc:
+        raise InvalidArgumentError(f"calibration of shape {tuple(calibration.shape)} does not fit "
+                                   f"{type(model).__name__}: {_first_line(exc)[:160]}") from None
+    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+    try:
+        captured = torch.export.export(copy_, (calibration[:2],), dynamic_shapes=({0: torch.export.Dim("batch")},))
+        prepared = prepare_pt2e(captured.module(), quantizer)
+    except Exception as exc:
+        raise ExportError(f"PT2E cannot capture {type(model).__name__}: {_first_line(exc)[:200]}") from exc
+    with torch.no_grad():
+        for chunk in calibration.split(batch_size):
+            prepared(chunk)
+    converted = convert_pt2e(prepared)
+    read = {node.target for node in converted.graph.nodes if node.op == "get_attr"}
+    for name in [n for n, _ in converted.named_parameters()] + [n for n, _ in converted.named_buffers()]:
+        if name not in read:  # the float weights the int8 graph no longer reads: not part of what it runs
+            owner, _, attr = name.rpartition(".")
+            delattr(converted.get_submodule(owner), attr)
+    return converted
+
+
 # -- §6 torch.export (.pt2) -------------------------------------------------------------------------------
 
 
@@ -817,6 +923,211 @@ class Predictor:
         shifted = np.exp(outputs - outputs.max(axis=1, keepdims=True))
         probabilities = (shifted / shifted.sum(axis=1, keepdims=True)).astype(np.float32)
         return Prediction(labels=probabilities.argmax(axis=1).astype(np.int64), probabilities=probabilities)
+
+
+# -- §8 one measured map ------------------------------------------------------------------------------------
+
+
+MAP_PATHS = ("fp32", "bf16", "torch.ao int8 (legacy)", "torchao int8 weight-only", "torchao int8 dynamic",
+             "torchao int8 compiled", "PT2E int8 static", "QAT int8 (torchao)", "pruned 50% + int8",
+             "neurons -50% + int8", "ORT fp32", "ORT int8 dynamic", "ORT int8 static")
+MAP_BATCHES = (1, 256)  # one request, and a batch where matrix kernels dominate
+MAP_PRUNE_AMOUNT = 0.5  # weights zeroed (global, unstructured) or hidden neurons removed, before int8
+MAP_EVAL_BATCH = 256    # accuracy is computed in batches of this size, the last one padded (one compiled shape)
+
+
+@dataclass(frozen=True)
+class MapEntry:
+    """One deployment path of one model: gzip size, accuracy per seed, latency and speed-up over fp32 (Lesson 07, §8)."""
+    model: str
+    path: str
+    gzip_bytes: int                # the first seed's saved artifact (state_dict or .onnx file) after gzip -6: like with like
+    accuracies: tuple[float, ...]  # test accuracy, one per seed
+    latency_ms: dict[int, float]   # batch -> median ms, the first seed's model
+    speedup: dict[int, float]      # batch -> fp32 (eager PyTorch) ms / this ms, timed in turns in one run
+
+    @property
+    def accuracy(self) -> float:
+        """Mean test accuracy over the seeds."""
+        return float(np.mean(self.accuracies))
+
+    @property
+    def spread(self) -> float:
+        """Highest minus lowest test accuracy over the seeds."""
+        return float(np.max(self.accuracies) - np.min(self.accuracies))
+
+
+def deployment_map(name: str, build: Callable[[], nn.Module], loaders, *, epochs: int, folder: str | os.PathLike,
+                   seeds: Sequence[int] = (0, 1, 2), paths: Sequence[str] = MAP_PATHS,
+                   calibration_size: int = CALIBRATION_SIZE, qat_epochs: int = 1,
+                   neuron_layers: tuple[str, str] = ("fc1", "fc2"), repeats: int | None = None,
+                   budget_s: float = 0.05) -> list[MapEntry]:
+    """Measure every deployment path of one model on the CPU: size, accuracy over seeds, latency (Lesson 07, §8).
+
+    Per seed, `build()` is trained for `epochs` on `loaders.train` (validated on `loaders.val`), then
+    turned into each of `paths` (MAP_PATHS) and scored once on `loaders.test`. Static int8 calibrates on
+    `calibration_size` training images; QAT fine-tunes `qat_epochs` more epochs; "neurons -50%" removes
+    half of `neuron_layers[0]`'s neurons. The first seed's variants are timed at MAP_BATCHES in
+    alternating blocks with fp32: `repeats` calls each, or as many as fit `budget_s` per path (5 at
+    least). The compiled path sees two shapes: batch 1 and MAP_EVAL_BATCH (accuracy on padded batches).
+    Files go below `folder`. "fp32" must be in `paths`; any single-input classifier works.
+    """
+    check_positive_int(epochs, "epochs")
+    check_positive_int(qat_epochs, "qat_epochs")
+    paths = list(paths)
+    unknown = [p for p in paths if p not in MAP_PATHS]
+    if unknown or "fp32" not in paths or not seeds:
+        raise InvalidArgumentError(f"paths must include 'fp32' and come from {MAP_PATHS}, with at least one seed; "
+                                   f"got paths {paths} (unknown: {unknown}) and seeds {list(seeds)}")
+    folder = check_path(folder, "folder")
+    test_images, test_labels = _collect(loaders.test, "loaders.test")
+    train_images, _ = _collect(loaders.train, "loaders.train")
+    accuracies: dict[str, list[float]] = {p: [] for p in paths}
+    sizes: dict[str, int] = {}
+    times: dict[int, dict[str, float]] = {}
+    for index, seed in enumerate(seeds):
+        check_int(seed, "seed", low=0)
+        torch.manual_seed(seed)
+        model = build()
+        fit(model, loaders.train, loaders.val, epochs=epochs, progress=False)
+        model = cpu_eval_copy(model)
+        calibration = calibration_images(train_images, min(calibration_size, len(train_images)), seed=seed)
+        variants = _map_variants(model, paths, folder / f"{name}-seed{seed}", test_images[:2], calibration,
+                                 loaders, qat_epochs, neuron_layers)
+        for label, (engine, size) in variants.items():
+            predicted = _map_logits(engine, test_images, pad=label == "torchao int8 compiled").argmax(axis=1)
+            accuracies[label].append(float(np.mean(predicted == test_labels.numpy())))
+            sizes.setdefault(label, size)
+        if index == 0:
+            for batch in MAP_BATCHES:
+                images = torch.rand(batch, *test_images.shape[1:], generator=torch.Generator().manual_seed(batch))
+                runners = [_map_runner(engine, images) for engine, _ in variants.values()]
+                times[batch] = dict(zip(variants, median_latencies(runners, repeats=repeats, warmup=1,
+                                                                   budget_s=budget_s * len(runners))))
+    return [MapEntry(model=name, path=p, gzip_bytes=sizes[p], accuracies=tuple(accuracies[p]),
+                     latency_ms={b: 1e3 * times[b][p] for b in MAP_BATCHES},
+                     speedup={b: times[b]["fp32"] / times[b][p] for b in MAP_BATCHES}) for p in paths]
+
+
+def map_table(entries: Sequence[MapEntry]) -> str:
+    """The map as text: gzip size and times smaller, accuracy mean ± spread and change, ms and speed-up (Lesson 07, §8).
+
+    Ratios are against each model's fp32 row; accuracy change in points, mean over the seeds.
+    """
+    base = {e.model: e for e in entries if e.path == "fp32"}
+    head = (f"{'model':6}{'path':26}{'gzip KiB':>9}{'smaller':>9}{'accuracy':>9}{'± spread':>9}{'Δ pts':>7}"
+            + "".join(f"{f'ms@{b}':>9}{f'faster@{b}':>11}" for b in MAP_BATCHES))
+    lines = [head, "-" * len(head)]
+    for e in entries:
+        fp32 = base[e.model]
+        line = (f"{e.model:6}{e.path:26}{e.gzip_bytes / 1024:>9.1f}{fp32.gzip_bytes / e.gzip_bytes:>8.2f}x"
+                f"{e.accuracy:>9.3f}{e.spread:>9.3f}{100 * (e.accuracy - fp32.accuracy):>+7.1f}")
+        lines.append(line + "".join(f"{e.latency_ms[b]:>9.3f}{e.speedup[b]:>10.2f}x" for b in MAP_BATCHES))
+    return "\n".join(lines)
+
+
+def plot_map(entries: Sequence[MapEntry], axes=None, *, batch: int = 256):
+    """One panel per model: times smaller than fp32 (gzip) against speed-up over fp32 at `batch` (Lesson 07, §8).
+
+    Colour shows the accuracy change in points (mean over seeds); returns the axes.
+    """
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(e.model for e in entries))
+    if axes is None:
+        axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.2), squeeze=False)[1][0]
+    for ax, model in zip(axes, models):
+        rows = [e for e in entries if e.model == model]
+        fp32 = next(e for e in rows if e.path == "fp32")
+        x = [fp32.gzip_bytes / e.gzip_bytes for e in rows]
+        y = [e.speedup[batch] for e in rows]
+        drop = [100 * (e.accuracy - fp32.accuracy) for e in rows]
+        dots = ax.scatter(x, y, c=drop, cmap="RdYlGn", vmin=-3, vmax=3, s=45, edgecolors="black", linewidths=0.5)
+        for e, xi, yi in zip(rows, x, y):
+            ax.annotate(e.path, (xi, yi), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+        ax.set(xscale="log", yscale="log", title=model, xlabel="times smaller than fp32 (gzip against gzip)",
+               ylabel=f"speed-up over fp32 at batch {batch}")
+    plt.colorbar(dots, ax=list(axes), label="accuracy change (points)")
+    return axes
+
+
+def _collect(loader, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """All (inputs, labels) of a loader, concatenated on the CPU."""
+    inputs, labels = [], []
+    for batch in loader:
+        inputs.append(batch[0].cpu())
+        labels.append(batch[1].cpu())
+    if not inputs:
+        raise InvalidArgumentError(f"{what} yields no batches")
+    return torch.cat(inputs), torch.cat(labels)
+
+
+def _map_variants(model, paths, folder: Path, example, calibration, loaders, qat_epochs, neuron_layers) -> dict:
+    """label -> (module or ONNX Runtime session, gzip bytes of its saved form), for each path asked for."""
+    folder.mkdir(parents=True, exist_ok=True)
+    makers = {
+        "fp32": lambda: model,
+        "bf16": lambda: cast(model, torch.bfloat16),
+        "torch.ao int8 (legacy)": lambda: _legacy_int8(model),
+        "torchao int8 weight-only": lambda: quantize_int8(model, "weight_only"),
+        "torchao int8 dynamic": lambda: quantize_int8(model, "dynamic"),
+        "torchao int8 compiled": lambda: quantize_int8(model, "dynamic", compiled=True),
+        "PT2E int8 static": lambda: quantize_pt2e(model, calibration),
+        "QAT int8 (torchao)": lambda: _qat_int8(model, loaders, qat_epochs),
+        "pruned 50% + int8": lambda: quantize_int8(prune_global(copy_model(model), MAP_PRUNE_AMOUNT)),
+        "neurons -50% + int8": lambda: quantize_int8(drop_pruned_neurons(
+            prune_neurons(copy_model(model), neuron_layers[0], MAP_PRUNE_AMOUNT), *neuron_layers)),
+    }
+    variants = {}
+    for label in paths:
+        if label in makers:
+            variant = makers[label]()
+            variants[label] = (variant, saved_size(variant, folder / f"{len(variants):02d}.pt")[1])
+    onnx_paths = {}
+    if any(p.startswith("ORT") for p in paths):
+        onnx_paths["ORT fp32"] = export_onnx(model, example, folder / "fp32.onnx")
+    if "ORT int8 dynamic" in paths:
+        onnx_paths["ORT int8 dynamic"] = quantize_onnx(onnx_paths["ORT fp32"], folder / "int8_dynamic.onnx")
+    if "ORT int8 static" in paths:
+        onnx_paths["ORT int8 static"] = quantize_onnx_static(onnx_paths["ORT fp32"], folder / "int8_static.onnx",
+                                                             calibration)
+    for label, path in onnx_paths.items():
+        if label in paths:
+            variants[label] = (load_session(path), len(gzip.compress(path.read_bytes(), compresslevel=GZIP_LEVEL, mtime=0)))
+    return {label: variants[label] for label in paths}
+
+
+def _legacy_int8(model: nn.Module) -> nn.Module:
+    """The map's one legacy column: torch.ao.quantization.quantize_dynamic (deprecated; it warns) on the Linear layers."""
+    return torch.ao.quantization.quantize_dynamic(copy_model(model).eval(), {nn.Linear}, dtype=torch.qint8)
+
+
+def _qat_int8(model: nn.Module, loaders, epochs: int) -> nn.Module:
+    """Lesson 06's QAT: int8 fake quantization for `epochs` more epochs of training, then int8."""
+    trained = prepare_qat(model)
+    fit(trained, loaders.train, loaders.val, epochs=epochs, progress=False, device="cpu")
+    return convert_qat(trained)
+
+
+def _map_logits(engine, images: torch.Tensor, *, pad: bool) -> np.ndarray:
+    """Logits of a module or session in MAP_EVAL_BATCH batches; `pad`: the last one padded (compiled: one shape)."""
+    parts = []
+    for chunk in images.split(MAP_EVAL_BATCH):
+        padded = torch.cat([chunk, chunk.new_zeros(MAP_EVAL_BATCH - len(chunk), *chunk.shape[1:])]) if pad else chunk
+        parts.append(_map_runner(engine, padded)()[: len(chunk)])
+    return np.concatenate(parts)
+
+
+def _map_runner(engine, images: torch.Tensor) -> Callable[[], np.ndarray]:
+    if isinstance(engine, ort.InferenceSession):
+        array = images.numpy()
+        return lambda: run_onnx(engine, array)
+
+    def run():
+        with torch.inference_mode():
+            return engine(images).float().numpy()
+    return run
 
 
 # -- argument checks ----------------------------------------------------------------------------------------

@@ -568,3 +568,142 @@ def test_saving_where_a_folder_stands_in_the_manifests_place_writes_nothing(tmp_
     with pytest.raises(ExportError, match=r"m\.pt2\.sha256': it is a folder"):
         saved_pt2(tmp_path)
     assert not (tmp_path / "m.pt2").exists()
+
+
+# -- static int8 (ONNX Runtime QDQ, PT2E) and the measured map -------------------------------------------------
+
+
+def conv_net():
+    """Not a course model: a plain nn.Sequential CNN for 8x8 images."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                               torch.nn.Linear(4 * 8 * 8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10)).eval()
+
+
+@pytest.fixture(scope="module")
+def conv_onnx(tmp_path_factory):
+    model = conv_net()
+    return model, export.export_onnx(model, torch.rand(2, 1, 8, 8), tmp_path_factory.mktemp("conv") / "conv.onnx")
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_static_int8_copy_is_smaller_quantizes_conv_and_matmul_and_agrees_with_fp32(exported, tmp_path, name):
+    model, path = exported[name]
+    images = torch.rand(64, *SHAPES[name])
+    static = export.quantize_onnx_static(path, tmp_path / "static.onnx", images[:32])
+    summary = export.describe_onnx(static)
+    assert summary.operators.get("QuantizeLinear", 0) > 0 and summary.operators.get("DequantizeLinear", 0) > 0
+    assert export.onnx_size(path) / export.onnx_size(static) >= 2.5 and export.verify_manifest(static)
+    fp32, int8 = (export.run_onnx(export.load_session(p), images) for p in (path, static))
+    assert np.mean(fp32.argmax(axis=1) == int8.argmax(axis=1)) >= 0.9
+
+
+def test_static_int8_works_on_a_model_that_is_not_a_course_model(conv_onnx, tmp_path):
+    model, path = conv_onnx
+    static = export.quantize_onnx_static(path, tmp_path / "conv_static.onnx", torch.rand(16, 1, 8, 8).numpy())
+    assert export.describe_onnx(static).inputs == [("input", ("batch", 1, 8, 8), "float32")]
+    assert export.run_onnx(export.load_session(static), torch.rand(3, 1, 8, 8)).shape == (3, 10)
+
+
+@pytest.mark.parametrize("calibration, words", [
+    (torch.rand(8, 1, 16, 16), "shaped like"),     # the CNN's images sent to an 8x8 model
+    (torch.rand(0, 1, 8, 8), "non-empty"),
+    (torch.full((4, 1, 8, 8), float("nan")), "NaN"),
+    ([[0.5] * 8] * 8, "numpy array"),
+])
+def test_static_int8_refuses_bad_calibration_and_writes_nothing(conv_onnx, tmp_path, calibration, words):
+    with pytest.raises(InvalidArgumentError, match=words):
+        export.quantize_onnx_static(conv_onnx[1], tmp_path / "static.onnx", calibration)
+    assert not list(tmp_path.iterdir())
+
+
+def test_static_int8_names_a_missing_or_corrupt_source(tmp_path):
+    with pytest.raises(ExportError, match="no ONNX file"):
+        export.quantize_onnx_static(tmp_path / "missing.onnx", tmp_path / "out.onnx", torch.rand(4, 1, 8, 8))
+    (tmp_path / "corrupt.onnx").write_bytes(b"not a protobuf")
+    with pytest.raises(ExportError, match="corrupt.onnx is not a valid ONNX model"):
+        export.quantize_onnx_static(tmp_path / "corrupt.onnx", tmp_path / "out.onnx", torch.rand(4, 1, 8, 8))
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_static_int8_refuses_a_destination_without_the_onnx_suffix(conv_onnx, tmp_path):
+    with pytest.raises(InvalidArgumentError, match=".onnx"):
+        export.quantize_onnx_static(conv_onnx[1], tmp_path / "out.bin", torch.rand(4, 1, 8, 8))
+
+
+def test_calibration_images_are_drawn_from_the_given_split_by_seed():
+    images = torch.arange(100, dtype=torch.float32).reshape(100, 1, 1, 1)
+    first, again, other = (export.calibration_images(images, 16, seed=s) for s in (0, 0, 1))
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert len(set(first.flatten().tolist())) == 16 and set(first.flatten().tolist()) <= set(range(100))
+    with pytest.raises(InvalidArgumentError, match="holds only 100"):
+        export.calibration_images(images, 101)
+
+
+@pytest.mark.parametrize("make, shape", [(lambda: make_model("cnn"), (1, 16, 16)), (conv_net, (1, 8, 8))])
+def test_pt2e_int8_model_keeps_int8_weights_only_and_agrees_with_fp32(make, shape):
+    model = make()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    int8 = export.quantize_pt2e(model, torch.rand(32, *shape))
+    state = int8.state_dict()
+    assert any(v.dtype == torch.int8 for v in state.values())
+    assert not any(v.dtype == torch.float32 and v.dim() >= 2 for v in state.values())  # no float weight matrix left
+    images = torch.rand(7, *shape)  # a batch size it was not calibrated with: the batch stays dynamic
+    with torch.no_grad():
+        agree = (int8(images).argmax(1) == model(images).argmax(1)).float().mean()
+    assert agree >= 0.7 and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_pt2e_refuses_calibration_the_model_cannot_take():
+    with pytest.raises(InvalidArgumentError, match="does not fit SmallCNN"):
+        export.quantize_pt2e(make_model("cnn"), torch.rand(4, 1, 8, 8))
+    with pytest.raises(InvalidArgumentError, match="non-empty batch"):
+        export.quantize_pt2e(make_model("cnn"), torch.rand(0, 1, 16, 16))
+
+
+def tiny_loaders():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from mvtk.data import Loaders
+
+    generator = torch.Generator().manual_seed(0)
+    images, labels = torch.rand(96, 1, 8, 8, generator=generator), torch.randint(0, 10, (96,), generator=generator)
+    split = [TensorDataset(images[i:i + 32], labels[i:i + 32]) for i in (0, 32, 64)]
+    return Loaders(*(DataLoader(part, batch_size=16) for part in split))
+
+
+MAP_FEW = ("fp32", "torchao int8 dynamic", "PT2E int8 static", "ORT fp32", "ORT int8 static")
+
+
+@pytest.fixture(scope="module")
+def small_map(tmp_path_factory):
+    return export.deployment_map("conv", conv_net, tiny_loaders(), epochs=1, seeds=(0, 1), paths=MAP_FEW,
+                                 calibration_size=16, repeats=2, folder=tmp_path_factory.mktemp("map"))
+
+
+def test_the_map_measures_every_path_asked_for_over_every_seed(small_map):
+    assert [e.path for e in small_map] == list(MAP_FEW) and {e.model for e in small_map} == {"conv"}
+    for entry in small_map:
+        assert len(entry.accuracies) == 2 and all(0 <= a <= 1 for a in entry.accuracies)
+        assert entry.gzip_bytes > 0 and set(entry.latency_ms) == set(export.MAP_BATCHES)
+        assert entry.spread == max(entry.accuracies) - min(entry.accuracies)
+    fp32 = small_map[0]
+    assert fp32.speedup == {b: 1.0 for b in export.MAP_BATCHES}
+    sizes = {e.path: e.gzip_bytes for e in small_map}
+    assert sizes["fp32"] / sizes["ORT int8 static"] >= 2 and sizes["fp32"] / sizes["PT2E int8 static"] >= 2
+
+
+def test_the_map_table_and_figure_show_every_path(small_map):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    table = export.map_table(small_map)
+    assert all(e.path in table for e in small_map) and "gzip KiB" in table
+    (ax,) = export.plot_map(small_map)
+    assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title() == "conv"
+
+
+@pytest.mark.parametrize("paths", [("ORT fp32",), ("fp32", "int4 magic")])
+def test_the_map_refuses_unknown_paths_and_needs_fp32(tmp_path, paths):
+    with pytest.raises(InvalidArgumentError, match="paths must include 'fp32'"):
+        export.deployment_map("conv", conv_net, tiny_loaders(), epochs=1, paths=paths, folder=tmp_path)

@@ -155,16 +155,19 @@ def test_pruning_makes_the_file_larger_until_removed_and_never_smaller(mlp):
 # --- §6 quantization ----------------------------------------------------------------------------
 
 def test_invented_quantization_names_do_not_exist():
-    with pytest.raises(ModuleNotFoundError, match="torch.quantization.int8"):
-        from torch.quantization.int8 import quantize_model  # noqa: F401
+    import torchao.quantization
+
+    with pytest.raises(ModuleNotFoundError, match="torchao.quantization.int8"):
+        from torchao.quantization.int8 import quantize_model  # noqa: F401
     with pytest.raises(AttributeError, match="quantize_int8"):
-        torch.quantization.quantize_int8  # noqa: B018
+        torchao.quantization.quantize_int8  # noqa: B018
 
 
-def test_fusing_for_quantization_refuses_a_model_in_training_mode():
-    block = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).train()
+def test_folding_batch_norm_refuses_a_model_in_training_mode():
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
     with pytest.raises(AssertionError, match="Fusion only for eval"):
-        torch.ao.quantization.fuse_modules(block, [["0", "1", "2"]])
+        fuse_conv_bn_eval(nn.Conv2d(1, 4, 3).train(), nn.BatchNorm2d(4).train())
 
 
 def test_torchao_quantize_keeps_training_mode_and_dropout():
