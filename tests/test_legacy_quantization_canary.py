@@ -20,7 +20,8 @@ LEGACY_MARK = "# LEGACY: torch.ao.quantization"  # the first comment line of Les
 LEGACY_NOTEBOOK = "06_compress.ipynb"
 TO_UPDATE = ("notebooks/06_compress.ipynb §6 (the cell marked '# LEGACY: torch.ao.quantization', the prose "
              "around it and the summary's int8 line), benchmarks/compress.py (legacy_int8 and its row), "
-             "and this test")
+             "mvtk/export.py (_legacy_int8, the map's 'torch.ao legacy' path) with notebooks/07_onnx_export.ipynb §8's "
+             "legacy row and benchmarks/export.py, and this test")
 USES = re.compile(r"torch\.(ao\.)?(quantization|nn\.quantized)\b")  # a dotted name that starts so
 
 
