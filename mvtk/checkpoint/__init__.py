@@ -7,7 +7,8 @@ code, each importing only the files listed above it; by section of Lesson 03:
 - `crypto.py`: §7 encryption at rest (AES-GCM keys, encrypt_bytes, decrypt_bytes)
 - `signing.py`: §7 tamper evidence (Ed25519 key pairs, sign_file, verify_file: detached `path.sig` holding
   signed BLAKE3 digests, or the SHA-256 ones of earlier versions;
-  replacing_signed: a re-save that is verifiable at every instant)
+  replacing_signed: a re-save that is verifiable at every instant, one writer at a time;
+  reading_signed: a read that a concurrent re-save cannot fail)
 - `core.py`: §2 a full training checkpoint, §4 exact resume (RNG states), §6 integrity and clear
   errors (save/load/read_checkpoint, seal/unseal: a BLAKE3 checksum in the file, SHA-256 in
   format-1 files; check_state_dict_fits)
@@ -26,8 +27,8 @@ from mvtk.checkpoint.core import (FORMAT, FORMAT_VERSION, check_plain, check_sta
 from mvtk.checkpoint.crypto import (ENCRYPTED_MAGIC, KEY_ENV_VAR, NONCE_BYTES, decrypt_bytes, encrypt_bytes,
                                     encrypted_for, load_key, new_key)
 from mvtk.checkpoint.signing import (SIGNATURE_SUFFIX, check_signing_key, check_verify_key, file_record, key_id,
-                                     load_private_key, load_public_key, new_signing_key, read_signature, record_digest,
-                                     replacing_signed,
+                                     load_private_key, load_public_key, new_signing_key, read_signature, reading_signed,
+                                     record_digest, replacing_signed,
                                      sign_file, sign_statement, signature_path, verify_file, verify_statement,
                                      write_signature)
 from mvtk.checkpoint.program import (BATCH_DIM, PT2_TEXT_ENTRIES, ExportedModule, check_pt2_archive, export_program,
@@ -53,6 +54,7 @@ __all__ = [
     # §7: tamper evidence (signing)
     "SIGNATURE_SUFFIX", "check_signing_key", "check_verify_key", "file_record", "key_id", "load_private_key",
     "load_public_key", "new_signing_key",
-    "read_signature", "record_digest", "replacing_signed", "sign_file", "sign_statement", "signature_path", "verify_file",
+    "read_signature", "reading_signed", "record_digest", "replacing_signed", "sign_file", "sign_statement",
+    "signature_path", "verify_file",
     "verify_statement", "write_signature",
 ]

@@ -1,4 +1,4 @@
-"""What every checkpoint file needs: atomic writes with clear errors, hashing, plain-value checks (Lesson 03).
+"""What every checkpoint file needs: atomic writes, per-path locks, hashing, plain-value checks (Lesson 03).
 
 The lowest file of `mvtk.checkpoint`: core, weights and periodic all write through `writing`, so a
 full disk or a read-only folder reads the same whichever kind of file was being saved. Checksums
@@ -18,18 +18,24 @@ from typing import Iterator
 import blake3
 import torch
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 from mvtk import files
 from mvtk.env import available_devices
 from mvtk.errors import CheckpointError, DeviceUnavailableError, InvalidArgumentError
 from mvtk.files import sha256_file
 from mvtk.train import History
 
-__all__ = ["HASHES", "check_device", "check_digest", "check_name", "digest_bytes", "digest_file", "first_line",
-           "history_dict", "new_hasher", "plain_dict", "writing"]
+__all__ = ["HASHES", "LOCK_SUFFIX", "check_device", "check_digest", "check_name", "digest_bytes", "digest_file",
+           "first_line", "history_dict", "lock_path", "locked", "new_hasher", "plain_dict", "writing"]
 
 HASHES = ("blake3", "sha256")      # what a labelled digest may name: what mvtk writes now, then what it wrote before
 HEX_DIGEST = re.compile(r"[0-9a-f]{64}")  # both give 32 bytes, written as 64 lowercase hex digits
 THREADED_FROM = 1 << 20            # BLAKE3 hashes inputs of this many bytes or more on every core
+LOCK_SUFFIX = ".lock"              # `.r.pt.lock`: hidden like temp files, not `.tmp`, so no temp cleanup lists it
 _pool_pid: int | None = None       # the process whose BLAKE3 thread pool is running (a forked child has none)
 
 
@@ -119,6 +125,46 @@ def writing(path: str | os.PathLike) -> Iterator[Path]:
     """mvtk.files.writing for checkpoint files: an OSError becomes a CheckpointError naming the file (Lesson 03, §6)."""
     with files.writing(path, CheckpointError) as tmp:
         yield tmp
+
+
+def lock_path(path: str | os.PathLike) -> Path:
+    """The hidden lock file that `locked` takes for `path`: `.r.pt.lock` beside `r.pt` (Lesson 03, §7)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}{LOCK_SUFFIX}")
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on `path` while the block runs, against other threads and processes (Lesson 03, §7).
+
+    An `fcntl.flock` on the hidden file `lock_path(path)`, removed when the block ends (a lock file
+    left by a killed writer is simply reused). It serialises writers on one machine whose file system
+    honours flock (local disks; not NFS without working locks); readers do not take it. Where fcntl
+    does not exist (Windows), the block runs unlocked. An OSError becomes a CheckpointError naming `path`.
+    """
+    if fcntl is None:
+        yield
+        return
+    lock = lock_path(path)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)  # as atomic_write does: a first save may make the folder
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:  # the lock file may have been removed (and made anew) by the previous holder while we waited
+                if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+    except OSError as exc:
+        raise files.write_error(path, exc, CheckpointError) from exc
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)  # before unlocking: a waiter that then gets this file sees it is gone and retries
+        os.close(fd)
 
 
 def first_line(exc: BaseException) -> str:

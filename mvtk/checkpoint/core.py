@@ -35,7 +35,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from mvtk.checkpoint._io import (HASHES, check_device, check_name, digest_bytes, first_line, history_dict, new_hasher,
                                  plain_dict, writing)
 from mvtk.checkpoint.crypto import ENCRYPTED_MAGIC, check_key, decrypt_bytes, encrypt_bytes, encrypted_for
-from mvtk.checkpoint.signing import check_signing_key, check_verify_key, replacing_signed, verify_file
+from mvtk.checkpoint.signing import (check_signing_key, check_verify_key, reading_signed, replacing_signed,
+                                     verify_file)
 from mvtk.env import git_commit, utc_now
 from mvtk.errors import (ArchitectureMismatchError, CheckpointError, DecryptionError, IntegrityError,
                          InvalidArgumentError, check_int, check_module, check_bytes, check_path)
@@ -54,6 +55,7 @@ ZIP_MAGIC, EOCD_MAGIC = b"PK\x03\x04", b"PK\x05\x06"  # start of a zip file; its
 STATE_KEYS = ("model", "optimizer", "scheduler", "rng")  # what load_checkpoint restores, not returns
 PLAIN = (str, int, float, bool, bytes, type(None))
 CONTAINERS = (dict, collections.OrderedDict, list, tuple, torch.Size)
+MAX_DEPTH = 100                    # check_plain: how deeply containers may nest (pickle recurses once per level)
 SHOW_KEYS = 8                      # how many keys an architecture-mismatch message lists per kind
 
 
@@ -152,15 +154,29 @@ def restore_rng_state(state: dict, loader_generator: torch.Generator | None = No
 
 
 def check_plain(value, where: str = "value") -> None:
-    """Raise unless `value` holds only tensors and plain values, all weights_only loading accepts (Lesson 03, §2)."""
+    """Raise unless `value` holds only tensors and plain values, all weights_only loading accepts (Lesson 03, §2).
+
+    Containers may nest MAX_DEPTH deep and may not contain themselves (a cycle): both are named.
+    """
+    _check_plain(value, where, ())
+
+
+def _check_plain(value, where: str, outer: tuple[int, ...]) -> None:
+    """check_plain below the containers whose ids are `outer` (the path from the top)."""
     if isinstance(value, torch.Tensor) or type(value) in PLAIN or isinstance(value, (torch.dtype, torch.device)):
         return
     if type(value) in CONTAINERS:
-        items = value.items() if isinstance(value, dict) else enumerate(value)
+        if id(value) in outer:
+            raise InvalidArgumentError(f"{where} contains itself (a cycle, e.g. l.append(l)); a checkpoint holds "
+                                       "only tree-shaped plain values: break the cycle")
+        if len(outer) >= MAX_DEPTH:
+            raise InvalidArgumentError(f"{where} nests containers more than {MAX_DEPTH} deep (the depth limit); "
+                                       "flatten it")
+        items, inner = value.items() if isinstance(value, dict) else enumerate(value), (*outer, id(value))
         for item_key, item in items:
             if isinstance(value, dict) and type(item_key) not in PLAIN:
                 raise InvalidArgumentError(f"{where} has a key of type {type(item_key).__name__}; use str or int keys")
-            check_plain(item, f"{where}[{item_key!r}]")
+            _check_plain(item, f"{where}[{item_key!r}]", inner)
         return
     raise InvalidArgumentError(
         f"{where} is a {type(value).__module__}.{type(value).__qualname__}; a checkpoint holds only tensors and plain "
@@ -263,27 +279,30 @@ def read_checkpoint(path: str | os.PathLike, *, map_location="cpu", key: bytes |
         check_device(map_location, "map_location")
     source = str(path)
     signed = Path(path).resolve() if Path(path).is_symlink() else Path(path)  # last.pt: its target's signature
-    encrypted_name = None
-    with _mapped(path, "checkpoint") as (data, same_file):
-        if bytes(data[:len(ENCRYPTED_MAGIC)]) == ENCRYPTED_MAGIC:
-            if key is None:
-                raise DecryptionError(f"checkpoint {source!r} is encrypted: pass key= (mvtk.checkpoint.load_key())")
-            if verify_key is not None:
-                verify_file(signed, verify_key, data=data)
-            whole = bytes(data)
-            sealed = decrypt_bytes(whole, key, name, source=source)
-            encrypted_name = encrypted_for(whole, source=source)
-            _unseal(sealed, source)
-            payload = _torch_load(io.BytesIO(sealed), source, map_location)
-        elif key is not None:
-            raise DecryptionError(f"checkpoint {source!r} is not encrypted, but a key was given: refusing it (an "
-                                  "unencrypted file may have been put in place of an encrypted one)")
-        else:
+
+    def read() -> tuple[object, str | None]:
+        with _mapped(path, "checkpoint") as (data, same_file):
+            if bytes(data[:len(ENCRYPTED_MAGIC)]) == ENCRYPTED_MAGIC:
+                if key is None:
+                    raise DecryptionError(f"checkpoint {source!r} is encrypted: pass key= (mvtk.checkpoint.load_key())")
+                if verify_key is not None:
+                    verify_file(signed, verify_key, data=data)
+                whole = bytes(data)
+                sealed = decrypt_bytes(whole, key, name, source=source)
+                encrypted_name = encrypted_for(whole, source=source)
+                _unseal(sealed, source)
+                return _torch_load(io.BytesIO(sealed), source, map_location), encrypted_name
+            if key is not None:
+                raise DecryptionError(f"checkpoint {source!r} is not encrypted, but a key was given: refusing it (an "
+                                      "unencrypted file may have been put in place of an encrypted one)")
             digest = _unseal(data, source)  # one pass over the bytes gives the sealed hash and the file's hash
             if verify_key is not None:
                 verify_file(signed, verify_key, digest=digest, data=data)
             # Verified: now torch maps the very file just hashed (same inode), so nothing is read twice.
-            payload = _torch_load(same_file, source, map_location, mmap=True)
+            return _torch_load(same_file, source, map_location, mmap=True), None
+
+    # a signed file re-saved while it was read is read again, so a reader never sees a false alarm
+    payload, encrypted_name = read() if verify_key is None else reading_signed(read, signed)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{source!r} is a torch file but not an mvtk checkpoint (no format={FORMAT!r} entry)")
     version = check_int(payload.get("format_version"), f"format_version of checkpoint {source!r}", low=1,
@@ -341,7 +360,8 @@ def _unseal(data: bytes, source: str) -> str:
                               f"this one starts with {bytes(data[:8])!r}")
     comment = bytes(data[-SEAL_LEN:])
     algorithm = SEAL_PREFIXES.get(comment[:SEAL_LEN - 64])
-    if algorithm is None or bytes(data[-SEAL_LEN - 22:-SEAL_LEN - 18]) != EOCD_MAGIC:
+    if (algorithm is None or bytes(data[-SEAL_LEN - 22:-SEAL_LEN - 18]) != EOCD_MAGIC
+            or bytes(data[-SEAL_LEN - 2:-SEAL_LEN]) != SEAL_LEN.to_bytes(2, "little")):  # the comment's length field
         if bytes(data[-22:-18]) == EOCD_MAGIC and bytes(data[-2:]) == b"\x00\x00":
             raise CheckpointError(f"{source!r} has no checksum record: it was written by torch.save, not "
                                   "save_checkpoint; open it with torch.load(path, weights_only=True)")

@@ -186,11 +186,12 @@ def latest_checkpoint(dirpath: str | os.PathLike, *, key: bytes | None = None,
 
     `last.pt` is trusted only as far as the files confirm it: a run killed after writing an epoch
     file but before moving `last.pt` left a newer complete file, and that one is returned. Each
-    candidate is read and verified (SHA-256; with `key`, decrypted; with `verify_key`, its
-    signature) and compared by the epoch recorded inside it; an encrypted file read without `key`
-    counts by the epoch in its name (atomic writes make every named file complete). Signature
-    (`.sig`) and temporary files are ignored. None means a fresh start (no checkpoint yet);
-    a folder that does not exist, or whose checkpoints all fail verification, is a CheckpointError.
+    candidate is read and verified (its BLAKE3 checksum, SHA-256 in a format-1 file; with `key`,
+    decrypted; with `verify_key`, its signature) and compared by the epoch recorded inside it; an
+    encrypted file read without `key` counts by the epoch in its name (atomic writes make every
+    named file complete). Signature (`.sig`), temporary and lock (`.name.lock`) files are ignored.
+    None means a fresh start (no checkpoint yet); a folder that does not exist, or whose
+    checkpoints all fail verification, is a CheckpointError.
     """
     folder = check_path(dirpath, "dirpath")
     if key is not None:

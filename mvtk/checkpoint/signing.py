@@ -22,24 +22,26 @@ import json
 import os
 import stat
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from mvtk import files
-from mvtk.checkpoint._io import HASHES, check_digest, digest_bytes, digest_file, writing
+from mvtk.checkpoint._io import HASHES, check_digest, digest_bytes, digest_file, locked, writing
 from mvtk.errors import InvalidArgumentError, SignatureError, check_path
 
 __all__ = ["SIGNATURE_SUFFIX", "check_signing_key", "check_verify_key", "file_record", "key_id", "load_private_key",
-           "load_public_key", "new_signing_key", "record_digest",
+           "load_public_key", "new_signing_key", "reading_signed", "record_digest",
            "read_signature", "replacing_signed", "sign_file", "sign_statement", "signature_path", "verify_file",
            "verify_statement", "write_signature"]
 
 SIGNATURE_SUFFIX = ".sig"          # model.pt is signed by model.pt.sig
 ALGORITHM = "ed25519"
 FILE_CONTEXT = "mvtk-file-{}:"     # a file signature signs this ("mvtk-file-blake3:") + the file's digest (hex)
+READ_ATTEMPTS = 5                  # reading_signed: reads of a file whose re-save kept racing the check, then an error
+T = TypeVar("T")
 
 
 def new_signing_key(private_path: str | os.PathLike, public_path: str | os.PathLike) -> tuple[Path, Path]:
@@ -183,8 +185,18 @@ def replacing_signed(path: str | os.PathLike, private_key: Ed25519PrivateKey, di
     record that verifies it; a crash before the last step leaves the old record too, which only
     matters until the next save (it verifies the previous content, which was signed anyway). If the
     block raises, the previous `path.sig` is put back.
+    The three steps hold `locked(path)` (a hidden `.name.lock` beside it): writers in other threads
+    or processes of this machine wait, so two saves cannot interleave and leave the file of one with
+    the signature of the other. That needs a file system with working flock (not NFS without it).
+    Readers take no lock: `reading_signed` reads again if a save replaced the file meanwhile.
     """
     new = file_record(digest, private_key)
+    with locked(path):
+        yield from _replacing(path, new)
+
+
+def _replacing(path, new: dict) -> Iterator[None]:
+    """replacing_signed's three steps, run under its lock."""
     sig = signature_path(path)
     try:
         previous = sig.read_bytes() if sig.is_file() and not sig.is_symlink() else None
@@ -216,6 +228,38 @@ def replacing_signed(path: str | os.PathLike, private_key: Ed25519PrivateKey, di
         raise
     if keep:
         write_signature(path, [new])
+
+
+def reading_signed(read: Callable[[], T], path: str | os.PathLike) -> T:
+    """`read()` (which reads `path` and verifies its signature), read again if a re-save raced it (Lesson 03, §7).
+
+    A reader may get the file before a re-save and its `.sig` after it: a false "changed after it
+    was signed". So when `read()` raises SignatureError and `path` or `path.sig` is no longer the
+    file it was (inode, size or mtime changed), it runs again, up to READ_ATTEMPTS times in all; a
+    file changed without its signature (tampering) is refused at once, as its files stay put.
+    """
+    attempt = 1
+    while True:
+        before = _identity(path)
+        try:
+            return read()
+        except SignatureError:
+            if attempt == READ_ATTEMPTS or _identity(path) == before:
+                raise
+        attempt += 1
+
+
+def _identity(path) -> tuple:
+    """(inode, device, size, mtime) of `path` and of `path.sig`, None for one that is missing."""
+    found = []
+    for item in (path, signature_path(path)):
+        try:
+            info = os.stat(item)
+        except OSError:
+            found.append(None)
+        else:
+            found.append((info.st_ino, info.st_dev, info.st_size, info.st_mtime_ns))
+    return tuple(found)
 
 
 def record_digest(record: dict) -> str:

@@ -28,7 +28,8 @@ from torch import nn
 
 from mvtk.checkpoint._io import check_device, digest_bytes, first_line, plain_dict, writing
 from mvtk.checkpoint.core import check_state_dict_fits
-from mvtk.checkpoint.signing import check_signing_key, check_verify_key, replacing_signed, verify_file
+from mvtk.checkpoint.signing import (check_signing_key, check_verify_key, reading_signed, replacing_signed,
+                                     verify_file)
 from mvtk.env import git_commit, utc_now
 from mvtk.errors import CheckpointError, IntegrityError, InvalidArgumentError, check_module, check_path
 
@@ -109,36 +110,43 @@ def load_weights(path: str | os.PathLike, model: nn.Module | None = None, *, dev
     check_verify_key(verify_key)
     device = check_device(device, "device")  # before the file is read: a bad device is not the file's fault
     source = str(path)
-    if not Path(path).is_file():
-        raise CheckpointError(f"weights file {source!r} does not exist (or is not a file)")
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise CheckpointError(f"cannot read weights file {source!r}: {exc.strerror or first_line(exc)}") from None
-    if not data:
-        raise CheckpointError(f"weights file {source!r} is empty (0 bytes)")
-    try:
-        header, start = _header(data)
-        metadata = dict(header.get("__metadata__") or {})
-        actual = weights_digest(data)
-    except ValueError as exc:
-        raise CheckpointError(f"weights file {source!r} is damaged or not written by save_weights: it is not a "
-                              f"readable safetensors file ({exc})") from None
-    recorded = metadata.get(WEIGHTS_SHA256_KEY)
-    if recorded is None and (metadata.get("format") == "mvtk-weights" or WEIGHTS_SHA256_KEY.encode() in data[:start]):
-        raise CheckpointError(f"weights file {source!r} is damaged: it was written by save_weights, but its SHA-256 "
-                              f"record ({WEIGHTS_SHA256_KEY!r}) cannot be read; do not use it")
-    if recorded is None:
-        raise CheckpointError(f"{source!r} has no SHA-256 record ({WEIGHTS_SHA256_KEY!r}): it was not written by "
-                              "save_weights; open it with safetensors.torch.load_file")
-    if recorded != actual:
-        error = IntegrityError(f"weights file {source!r} failed its SHA-256 check: its bytes changed after it was "
-                               "saved (a damaged disk or copy); do not use it")
-        error.recorded, error.actual = recorded, actual
-        raise error
-    if verify_key is not None:
-        signed = Path(path).resolve() if Path(path).is_symlink() else Path(path)
-        verify_file(signed, verify_key, data=data)
+    signed = Path(path).resolve() if Path(path).is_symlink() else Path(path)
+
+    def read() -> tuple[bytes, dict]:
+        if not Path(path).is_file():
+            raise CheckpointError(f"weights file {source!r} does not exist (or is not a file)")
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise CheckpointError(f"cannot read weights file {source!r}: {exc.strerror or first_line(exc)}") from None
+        if not data:
+            raise CheckpointError(f"weights file {source!r} is empty (0 bytes)")
+        try:
+            header, start = _header(data)
+            metadata = dict(header.get("__metadata__") or {})
+            actual = weights_digest(data)
+        except ValueError as exc:
+            raise CheckpointError(f"weights file {source!r} is damaged or not written by save_weights: it is not a "
+                                  f"readable safetensors file ({exc})") from None
+        recorded = metadata.get(WEIGHTS_SHA256_KEY)
+        if recorded is None and (metadata.get("format") == "mvtk-weights"
+                                 or WEIGHTS_SHA256_KEY.encode() in data[:start]):
+            raise CheckpointError(f"weights file {source!r} is damaged: it was written by save_weights, but its "
+                                  f"SHA-256 record ({WEIGHTS_SHA256_KEY!r}) cannot be read; do not use it")
+        if recorded is None:
+            raise CheckpointError(f"{source!r} has no SHA-256 record ({WEIGHTS_SHA256_KEY!r}): it was not written by "
+                                  "save_weights; open it with safetensors.torch.load_file")
+        if recorded != actual:
+            error = IntegrityError(f"weights file {source!r} failed its SHA-256 check: its bytes changed after it was "
+                                   "saved (a damaged disk or copy); do not use it")
+            error.recorded, error.actual = recorded, actual
+            raise error
+        if verify_key is not None:
+            verify_file(signed, verify_key, data=data)
+        return data, metadata
+
+    # a signed file re-saved while it was read is read again, so a reader never sees a false alarm
+    data, metadata = read() if verify_key is None else reading_signed(read, signed)
     if model is not None:
         try:
             state = {k: v.to(device) for k, v in safetensors.torch.load(data).items()}
