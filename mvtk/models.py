@@ -9,10 +9,12 @@ import contextlib
 import copy
 import functools
 import inspect
-from typing import Callable, Iterator
+from collections import OrderedDict
+from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import prune
 
@@ -21,7 +23,8 @@ from mvtk.errors import (InputShapeError, InvalidArgumentError, check_int, check
 
 __all__ = [
     "NUM_CLASSES", "MLP", "MLPv2", "SmallCNN", "MODELS", "build_model", "count_parameters", "flatten_size",
-    "layer_shapes", "model_device", "eval_mode", "unwrap", "copy_model", "sample_shape", "remember_init_args",
+    "layer_shapes", "model_device", "eval_mode", "unwrap", "MODULE_PREFIX", "strip_module_prefix", "copy_model",
+    "sample_shape", "remember_init_args",
 ]
 
 NUM_CLASSES = 10  # the digits data set's classes (mvtk.data.NUM_CLASSES; a test keeps the two equal)
@@ -235,6 +238,20 @@ def unwrap(model: nn.Module) -> nn.Module:
     while isinstance(check_module(model), (nn.DataParallel, DistributedDataParallel)):
         model = model.module
     return model
+
+
+MODULE_PREFIX = "module."  # what DataParallel and DDP put in front of every state_dict key
+
+
+def strip_module_prefix(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+    """A copy of `state_dict` without the `module.` prefix wrappers add; the input is unchanged (Lessons 03, 05)."""
+    if not isinstance(state_dict, Mapping):
+        raise InvalidArgumentError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
+    stripped = OrderedDict(state_dict)
+    if hasattr(state_dict, "_metadata"):  # per-module versions load_state_dict reads
+        stripped._metadata = OrderedDict(state_dict._metadata)
+    consume_prefix_in_state_dict_if_present(stripped, MODULE_PREFIX)  # PyTorch's own fix, applied to the copy
+    return stripped
 
 
 def copy_model(model: nn.Module) -> nn.Module:

@@ -29,7 +29,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import OrderedDict
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -38,7 +37,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 from torch import nn
-from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -48,7 +46,7 @@ from mvtk.data import make_loaders
 from mvtk.env import pick_device, seed_everything
 from mvtk.errors import (CheckpointError, DeviceUnavailableError, InvalidArgumentError, ParallelError,
                          check_positive_int)
-from mvtk.models import MODELS, build_model, sample_shape, unwrap
+from mvtk.models import MODELS, MODULE_PREFIX, build_model, sample_shape, strip_module_prefix, unwrap
 from mvtk.train import DEFAULT_LR, History, evaluate, train_one_epoch
 
 __all__ = [
@@ -60,7 +58,6 @@ __all__ = [
 ]
 
 BACKENDS = ("gloo", "nccl")      # gloo: CPU (and GPU); nccl: NVIDIA GPUs, one GPU per process
-MODULE_PREFIX = "module."        # what DataParallel and DDP put in front of every state_dict key
 CHECKPOINT_NAME = "last.pt"      # rank 0 writes OUT/last.pt after every epoch
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run")  # torchrun of this very Python (same venv)
 GROUP_TIMEOUT = timedelta(minutes=5)  # how long a collective waits for a missing process
@@ -71,17 +68,6 @@ SCHEDULES = ("constant", "cosine")  # the script's learning-rate schedules (cosi
 RESTART_ENV = "TORCHELASTIC_RESTART_COUNT"  # torchrun sets it in every worker: 0, then 1 after the first restart...
 _FUNCTION = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")  # pkg.module:function
 _MODULE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")  # pkg.module
-
-
-def strip_module_prefix(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
-    """A copy of `state_dict` without the `module.` prefix wrappers add; the input is unchanged (Lesson 05, §3)."""
-    if not isinstance(state_dict, Mapping):
-        raise InvalidArgumentError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
-    stripped = OrderedDict(state_dict)
-    if hasattr(state_dict, "_metadata"):  # per-module versions load_state_dict reads
-        stripped._metadata = OrderedDict(state_dict._metadata)
-    consume_prefix_in_state_dict_if_present(stripped, MODULE_PREFIX)  # PyTorch's own fix, applied to the copy
-    return stripped
 
 
 def load_state_dict_any(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:

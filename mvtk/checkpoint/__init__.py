@@ -34,7 +34,7 @@ from mvtk.checkpoint.signing import (SIGNATURE_SUFFIX, check_signing_key, check_
 from mvtk.checkpoint.program import (BATCH_DIM, PT2_TEXT_ENTRIES, ExportedModule, check_pt2_archive, export_program,
                                      load_program)
 from mvtk.checkpoint.periodic import LAST_NAME, ModelCheckpoint, latest_checkpoint
-from mvtk.checkpoint.weights import WEIGHTS_SHA256_KEY, load_weights, save_weights, weights_digest
+from mvtk.checkpoint.weights import WEIGHTS_SHA256_KEY, check_plain_tensors, load_weights, save_weights, weights_digest
 from mvtk.files import remove_stale_temps
 from mvtk.env import git_commit  # lesson 03 §5 shows what save_checkpoint records: ckpt.git_commit()
 
@@ -47,7 +47,7 @@ __all__ = [
     "LAST_NAME", "ModelCheckpoint", "latest_checkpoint",
     # §5: weights without pickle (weights); torch.export programs, scanned before loading (program)
     "BATCH_DIM", "PT2_TEXT_ENTRIES", "ExportedModule", "check_pt2_archive", "export_program", "load_program",
-    "WEIGHTS_SHA256_KEY", "load_weights", "save_weights", "weights_digest",
+    "WEIGHTS_SHA256_KEY", "check_plain_tensors", "load_weights", "save_weights", "weights_digest",
     # §7: encryption at rest (crypto)
     "ENCRYPTED_MAGIC", "KEY_ENV_VAR", "NONCE_BYTES", "decrypt_bytes", "encrypt_bytes", "encrypted_for", "load_key",
     "new_key",

@@ -40,6 +40,7 @@ from mvtk.checkpoint.signing import (check_signing_key, check_verify_key, readin
 from mvtk.env import git_commit, utc_now
 from mvtk.errors import (ArchitectureMismatchError, CheckpointError, DecryptionError, IntegrityError,
                          InvalidArgumentError, check_int, check_module, check_bytes, check_path)
+from mvtk.models import MODULE_PREFIX, strip_module_prefix, unwrap
 from mvtk.train import History
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "check_plain", "check_state_dict_fits", "checkpoint_payload",
@@ -198,6 +199,10 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None, opt
     nothing is changed. With no model, optimiser, scheduler or loader_generator given, only the
     metadata is read and no RNG is touched.
 
+    A checkpoint saved from an nn.DataParallel/DDP wrapper (every key starts with `module.`) loads
+    into the plain model, and a plain model's checkpoint into a wrapped one (into `model.module`), as
+    mvtk.parallel.load_state_dict_any does (Lesson 05, §3); keys that fit as saved are loaded as saved.
+
     `verify_key` (an Ed25519 public key, `load_public_key`) requires a signature `path.sig` made
     with its private key; it is checked on the bytes read, before anything is unpickled
     (SignatureError if it is missing or does not match). Files of format version 1 (sealed and
@@ -228,8 +233,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None, opt
     source = str(path)
     restoring = any(target is not None for target in (model, optimizer, scheduler, loader_generator))
     restore_rng = restore_rng and restoring  # reading the metadata alone changes no RNG
-    if model is not None:
-        check_state_dict_fits(model, payload["model"], source)
+    into, state = (None, None) if model is None else _fitting_state(model, payload["model"], source)
     for part, target in (("optimizer", optimizer), ("scheduler", scheduler)):
         if target is not None and payload[part] is None:
             raise CheckpointError(f"checkpoint {source!r} holds no {part} state (it was saved without {part}=); "
@@ -249,8 +253,8 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None, opt
         if scheduler is not None:
             scheduler.load_state_dict(previous)
         raise
-    if model is not None:
-        model.load_state_dict(payload["model"])
+    if into is not None:
+        into.load_state_dict(state)
     if restore_rng:
         before = rng_state(loader_generator)
         try:
@@ -460,6 +464,28 @@ def _check_rng(state, loader_generator, source: str) -> None:
     if not ok:
         raise CheckpointError(f"checkpoint {source!r} holds RNG states in an unexpected form; "
                               "load it with restore_rng=False")
+
+
+def _fitting_state(model: nn.Module, state: dict, source: str) -> tuple[nn.Module, dict]:
+    """(module, state_dict) to load: as saved, or across a DataParallel/DDP wrapper's `module.` prefix.
+
+    The plain model inside a wrapper takes the state with the prefix stripped from every key (when every
+    key has it); if that does not fit either, the refusal is check_state_dict_fits' for the state as saved.
+    """
+    try:
+        check_state_dict_fits(model, state, source)
+        return model, state
+    except ArchitectureMismatchError as refusal:
+        prefixed = bool(state) and all(isinstance(k, str) and k.startswith(MODULE_PREFIX) for k in state)
+        target = unwrap(model)
+        if target is model and not prefixed:
+            raise
+        stripped = strip_module_prefix(state)
+        try:
+            check_state_dict_fits(target, stripped, source)
+        except ArchitectureMismatchError:
+            raise refusal from None
+        return target, stripped
 
 
 def _load_state(target, payload: dict, part: str, source: str) -> None:

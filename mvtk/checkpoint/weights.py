@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Mapping
 
 import safetensors
 import safetensors.torch
@@ -33,10 +34,11 @@ from mvtk.checkpoint.signing import (check_signing_key, check_verify_key, readin
 from mvtk.env import git_commit, utc_now
 from mvtk.errors import CheckpointError, IntegrityError, InvalidArgumentError, check_module, check_path
 
-__all__ = ["WEIGHTS_SHA256_KEY", "load_weights", "save_weights", "weights_digest"]
+__all__ = ["WEIGHTS_SHA256_KEY", "check_plain_tensors", "load_weights", "save_weights", "weights_digest"]
 
 WEIGHTS_SHA256_KEY = "mvtk_sha256"  # the metadata entry holding the SHA-256 of the index and tensor bytes
 HEADER_LIMIT = 100 * 1024 * 1024     # safetensors' own limit on the JSON header
+PLAIN_TENSORS = (torch.Tensor, nn.Parameter)  # what safetensors stores; a subclass (torchao's Int8Tensor) it cannot
 
 
 def save_weights(path: str | os.PathLike, model: nn.Module, metadata: dict[str, str] | None = None, *,
@@ -49,6 +51,9 @@ def save_weights(path: str | os.PathLike, model: nn.Module, metadata: dict[str, 
     """
     check_path(path)
     check_module(model)
+    check_plain_tensors(model, "save_weights", "save the float model and quantize_int8 it after load_weights, or "
+                        "save the int8 model with save_checkpoint and load it into a quantize_int8 copy of the float "
+                        "architecture")
     check_signing_key(signing_key)
     extra = plain_dict(metadata, "metadata")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
@@ -76,6 +81,23 @@ def save_weights(path: str | os.PathLike, model: nn.Module, metadata: dict[str, 
         with open(tmp, "wb") as handle:
             handle.write(data)
     return Path(path)
+
+
+def check_plain_tensors(model_or_state_dict: nn.Module | Mapping, where: str, fix: str) -> None:
+    """Refuse tensor subclasses safetensors cannot store (quantize_int8's Int8Tensor), naming `fix` (Lesson 06, §6).
+
+    Raises InvalidArgumentError naming `where`, the first such tensor and its class; anything that is not
+    a module or a mapping is left to the caller's own checks.
+    """
+    state = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
+    if not isinstance(state, Mapping):
+        return
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and type(value) not in PLAIN_TENSORS:
+            cls = type(value)
+            raise InvalidArgumentError(f"{where} cannot store {key!r}: it is a {cls.__module__}.{cls.__qualname__}, "
+                                       "a tensor subclass (quantize_int8's int8 weights are one), and safetensors "
+                                       f"holds plain tensors only; {fix}")
 
 
 def weights_digest(data: bytes) -> str:
