@@ -22,6 +22,7 @@ import torch
 
 from mvtk.data import load_dataset, make_loaders
 from mvtk.env import seed_everything
+from mvtk.errors import InvalidArgumentError
 from mvtk.export import Predictor
 from mvtk.models import MLP
 from mvtk.registry import Registry
@@ -337,3 +338,31 @@ def test_the_dockerfile_pins_its_base_runs_unprivileged_checks_health_and_binds_
     assert f"EXPOSE {port}" in text and f"127.0.0.1:{port}/live" in health[0]
     env = " ".join(args for kind, args in steps if kind == "ENV")
     assert "MVTK_REGISTRY" in env
+
+
+def test_input_shape_is_one_samples_shape_and_round_trips_through_the_command_line():
+    original = ServeConfig(registry="r", port=0, input_shape="3,32,32")
+    assert original.sample_shape == (3, 32, 32) and ServeConfig(port=0).sample_shape is None
+    assert parse_args(to_args(original)) == original
+    assert parse_args(["--input-shape", "12"]).sample_shape == (12,)
+    for bad in ("3,,32", "0,4", "a", "-1"):
+        with pytest.raises(InvalidArgumentError, match="input_shape must be one sample's shape"):
+            ServeConfig(port=0, input_shape=bad)
+
+
+def test_a_model_that_is_not_a_course_model_is_ready_with_input_shape_and_fails_fast_without(tmp_path):
+    registry = Registry(tmp_path / "registry")
+    torch.manual_seed(0)
+    registry.register("linear", torch.nn.Linear(12, 3), init_args={"in_features": 12, "out_features": 3})
+    registry.set_alias("linear", ALIAS, 1)
+    settings = {"registry": str(tmp_path / "registry"), "model": "linear", "port": 0, "poll_s": 0.05,
+                "cache_dir": str(tmp_path / "cache"), "drift_reference": ""}
+    began = time.monotonic()
+    with pytest.raises(ServiceError, match="cannot load its model.*cannot tell the input of Linear"):
+        start_service(ServeConfig(**settings), log_path=tmp_path / "no-shape.log", timeout=120)
+    assert time.monotonic() - began < 60  # the load error is permanent: no waiting out the 120 s
+    with start_service(ServeConfig(**settings, input_shape="12"), log_path=tmp_path / "shape.log",
+                       timeout=120) as service:
+        STARTED.append(service.pid)
+        answer = httpx.post(f"{service.url}/predict", json={"inputs": np.zeros((2, 12)).tolist()}, timeout=30)
+    assert answer.status_code == 200 and answer.json()["version"] == 1

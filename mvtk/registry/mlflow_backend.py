@@ -26,13 +26,16 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import re
 import secrets
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Mapping
@@ -64,7 +67,44 @@ ARTIFACT_DIR = "mvtk"                 # the run's artifact folder holding the fi
 WEIGHTS_FILE = "weights.safetensors"
 PROGRAM_FILE = "program.pt2"
 START_TIMEOUT_S = 120.0               # an mlflow server takes 10-30 s to answer on a loaded 2-core machine
-HEALTH_TIMEOUT_S = 5.0                # how long opening a registry waits for the server's /health
+TIMEOUT_S = 10.0                     # default: how long one request waits for the server before failing
+ALIAS_RETRIES = 3                     # tries of a first set_alias that races another client's
+RESERVED_ALIAS = re.compile(r"latest|[vV]\d+", re.IGNORECASE)  # MLflow refuses these alias names
+
+
+class ClientSettings:
+    """MLflow's HTTP settings (read from os.environ on every request) set during mvtk's calls, then restored.
+
+    Lesson 11, §6. Nested and concurrent calls share one setting; the user's values come back after the last.
+    """
+
+    NAMES = ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR")
+
+    def __init__(self):
+        self.lock, self.depth, self.saved = threading.Lock(), 0, {}
+
+    @contextmanager
+    def applied(self, timeout: float):
+        """Set the timeout (whole seconds, at least 1), no retries and no backoff for the calls inside."""
+        with self.lock:
+            if self.depth == 0:
+                self.saved = {key: os.environ.get(key) for key in self.NAMES}
+            self.depth += 1
+            os.environ.update(zip(self.NAMES, (str(max(1, round(timeout))), "0", "0")))
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.depth -= 1
+                if self.depth == 0:
+                    for key, value in self.saved.items():
+                        if value is None:
+                            os.environ.pop(key, None)
+                        else:
+                            os.environ[key] = value
+
+
+CLIENT_SETTINGS = ClientSettings()
 
 
 class MlflowRegistry(Registry):
@@ -72,20 +112,24 @@ class MlflowRegistry(Registry):
 
     Opened by `Registry("http://host:port")`. `signing_key` and `verify_key` work as for a folder:
     each record is signed at registration, checked before its weights are used. `create` is accepted
-    for the same signature and ignored: the server holds the registry.
+    for the same signature and ignored: the server holds the registry. `timeout` (s) bounds each
+    request: a dead or frozen server fails the call with a RegistryError after it, without retries.
+    MLflow's client reads its settings from the environment, so during each call this sets
+    MLFLOW_HTTP_REQUEST_TIMEOUT, _MAX_RETRIES (0) and _BACKOFF_FACTOR (0), and restores them afterwards.
     """
 
     def __init__(self, root: str, *, create: bool = True,
                  signing_key: Ed25519PrivateKey | str | os.PathLike | None = None,
-                 verify_key: Ed25519PublicKey | str | os.PathLike | None = None):
+                 verify_key: Ed25519PublicKey | str | os.PathLike | None = None, timeout: float = TIMEOUT_S):
         parts = urlsplit(root) if isinstance(root, str) else None
         if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
             raise InvalidArgumentError(f"an MLflow registry URI must look like 'http://127.0.0.1:5000', got {root!r}")
         self.signing_key = load_key(signing_key, Ed25519PrivateKey, load_private_key, "signing_key", "private")
         self.verify_key = load_key(verify_key, Ed25519PublicKey, load_public_key, "verify_key", "public")
+        self.timeout = check_number(timeout, "timeout", low=1, high=3600)
         self.root = self.uri = root.rstrip("/")
         try:
-            answer = httpx.get(f"{self.uri}/health", timeout=HEALTH_TIMEOUT_S)
+            answer = httpx.get(f"{self.uri}/health", timeout=self.timeout)
         except httpx.HTTPError as exc:
             raise RegistryError(f"no MLflow server answers at {self.uri!r} ({type(exc).__name__}: {exc}); start one "
                                 "(mvtk.registry.start_mlflow_server, or `mlflow server --port N`) or fix the URI"
@@ -165,7 +209,8 @@ class MlflowRegistry(Registry):
         with self._calls(f"listing the versions of {name}"):
             while True:
                 page = self.client.search_model_versions(f"name = '{name}'", page_token=token)
-                found += [self._record(mv) for mv in page if RECORD_TAG in mv.tags]
+                found += [record for mv in page if RECORD_TAG in mv.tags
+                          if (record := self._record_or_warn(mv)) is not None]
                 token = page.token
                 if not token:
                     return sorted(found, key=lambda mv: mv.version)
@@ -225,6 +270,7 @@ class MlflowRegistry(Registry):
         check_name(name)
         check_alias(alias)
         check_version_number(version, "version")
+        self._check_reserved(alias, "alias")
         mv = self.get(name, version)
         self._move(name, alias, mv.version, "set")
         return mv
@@ -234,6 +280,7 @@ class MlflowRegistry(Registry):
         check_name(name)
         check_alias(source, "source")
         check_alias(target, "target")
+        self._check_reserved(target, "target")
         mv = self.get(name, alias=source)
         self._move(name, target, mv.version, "promote")
         return mv
@@ -313,13 +360,21 @@ class MlflowRegistry(Registry):
     def _calls(self, what: str):
         """MLflow's exceptions as mvtk's: NotFoundError for a missing resource, RegistryError otherwise."""
         from mlflow.exceptions import MlflowException
+        from requests import RequestException
 
         try:
-            yield
+            with CLIENT_SETTINGS.applied(self.timeout):
+                yield
         except MlflowException as exc:
             message = str(exc.message).splitlines()[0][:300] if exc.message else type(exc).__name__
+            if any(word in str(exc.message) for word in ("timed out", "timeout", "Max retries exceeded", "refused")):
+                message = (f"no answer within {self.timeout:g} s (is the server down, frozen or overloaded? "
+                           "Registry(..., timeout=) waits longer)")
             kind = NotFoundError if exc.error_code == "RESOURCE_DOES_NOT_EXIST" else RegistryError
             raise kind(f"MLflow server {self.uri!r}, {what}: {message}") from None
+        except (RequestException, OSError) as exc:
+            raise RegistryError(f"MLflow server {self.uri!r}, {what}: no answer ({type(exc).__name__}: "
+                                f"{str(exc)[:300]}); is it running?") from None
 
     def _model(self, name: str):
         """The registered model `name`; NotFoundError listing the names unless mvtk registered it."""
@@ -365,13 +420,22 @@ class MlflowRegistry(Registry):
                                 "registered through mvtk (or its registration is still running)")
         try:
             mv = version_from_row(json.loads(text))
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise RegistryError(f"{found.name} v{found.version}: its {RECORD_TAG} tag is not an mvtk record: "
                                 f"{exc}") from None
         if (mv.name, str(mv.version)) != (found.name, str(found.version)):
             raise IntegrityError(f"{found.name} v{found.version}: its {RECORD_TAG} tag records {mv.ref}; "
                                  "the tag was copied from another version")
         return mv
+
+    def _record_or_warn(self, found) -> ModelVersion | None:
+        """The record of `found`, or None with a RuntimeWarning naming it when its tag is damaged (listing goes on)."""
+        try:
+            return self._record(found)
+        except (RegistryError, IntegrityError) as exc:
+            warnings.warn(f"skipped a damaged version: {exc}; get({found.name!r}, {found.version}) raises the same",
+                          RuntimeWarning, stacklevel=3)
+            return None
 
     def _artifact(self, mv: ModelVersion, filename: str, sha256: str | None) -> bytes:
         """One file of `mv` downloaded from the server, after checking its SHA-256."""
@@ -401,8 +465,18 @@ class MlflowRegistry(Registry):
         previous = self.aliases(name).get(alias)
         if previous == version:
             return
-        with self._calls(f"setting {name}@{alias}"):
-            self.client.set_registered_model_alias(name, alias, str(version))
+        for attempt in range(1, ALIAS_RETRIES + 1):
+            try:
+                with self._calls(f"setting {name}@{alias}"):
+                    self.client.set_registered_model_alias(name, alias, str(version))
+                break
+            except RegistryError as exc:  # two first sets of one alias: the loser's insert breaks UNIQUE
+                if "UNIQUE constraint" not in str(exc):
+                    raise
+                if attempt == ALIAS_RETRIES:
+                    raise RegistryError(f"MLflow server {self.uri!r}, setting {name}@{alias}: another client set this "
+                                        f"alias at the same time, {ALIAS_RETRIES} times; try again") from None
+                time.sleep(0.05 * attempt)
         self._log(name, alias, action, version, previous)
 
     def _log(self, name: str, alias: str, action: str, version: int | None, previous: int | None) -> None:
@@ -410,6 +484,12 @@ class MlflowRegistry(Registry):
         key = f"{EVENT_PREFIX}{time.time_ns():020d}-{secrets.token_hex(4)}"  # sorts by time; never overwritten
         with self._calls(f"logging the move of {name}@{alias}"):
             self.client.set_registered_model_tag(name, key, json.dumps(event, sort_keys=True))
+
+    def _check_reserved(self, alias: str, what: str) -> None:
+        """InvalidArgumentError for an alias name MLflow reserves ('latest', 'v1'...), before any request."""
+        if RESERVED_ALIAS.fullmatch(alias):
+            raise InvalidArgumentError(f"{what} {alias!r} is reserved on the MLflow backend ('latest' and 'v<number>', "
+                                       "any case, name versions there); choose another name, e.g. 'production'")
 
     def _unsupported(self, call: str, instead: str) -> RegistryError:
         return RegistryError(f"{call}() is not supported on the MLflow backend: {instead}")

@@ -18,7 +18,7 @@ from safetensors.torch import save as safetensors_save
 from torch import nn
 
 import mvtk
-from mvtk.checkpoint import check_state_dict_fits, export_program
+from mvtk.checkpoint import check_plain_tensors, check_state_dict_fits, export_program
 from mvtk.env import git_commit, utc_now
 from mvtk.errors import InvalidArgumentError, RegistryError, check_int
 from mvtk.files import sha256_bytes
@@ -154,7 +154,7 @@ def check_alias(alias, what: str = "alias") -> str:
     """Return `alias` if it is a valid alias such as 'production', else raise InvalidArgumentError (Lesson 04, §3)."""
     if not isinstance(alias, str) or not ALIAS_PATTERN.fullmatch(alias):
         raise InvalidArgumentError(f"{what} must be a str that starts with a letter and holds only letters, digits, "
-                                   f"'_' or '-' (e.g. 'production'), got {shown(alias)}")
+                                   f"'_' or '-', 1 to 64 characters (e.g. 'production'), got {shown(alias)}")
     return alias
 
 
@@ -215,6 +215,8 @@ def new_version_row(name: str, model_or_state_dict, *, architecture: dict | None
     `program_example` (a tuple of example inputs) is given; those bytes come back third (else None).
     """
     check_name(name)
+    check_plain_tensors(model_or_state_dict, "the registry", "register the float model and quantize_int8 it "
+                        "after loading (load_model), or keep the int8 model in a checkpoint (save_checkpoint)")
     if program_example is not None and not isinstance(model_or_state_dict, nn.Module):
         raise InvalidArgumentError("program_example needs the model itself (an nn.Module) to export, "
                                    "not a state_dict")

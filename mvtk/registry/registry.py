@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
@@ -147,7 +148,8 @@ class Registry:
         ImageDataset, or its fingerprint: a string of 64 lowercase hex digits from
         mvtk.data.fingerprint) is stored as its fingerprint; git commit, torch and mvtk versions and
         the time are recorded for you. With a signing key, the version's record is signed too.
-        Raises RegistryError naming the file when the disk is full; nothing is registered then.
+        Raises RegistryError naming the file when the disk is full; nothing is registered then. Weights
+        safetensors cannot store (quantize_int8's int8 tensors) are refused: register the float model.
         """
         row, data, program = new_version_row(
             name, model_or_state_dict, architecture=architecture, metrics=metrics, params=params, tags=tags,
@@ -554,6 +556,9 @@ class Registry:
 
 def _backend(root) -> type:
     """Registry for a folder; the class BACKENDS holds for a URI's scheme ('http://...': an MLflow server)."""
+    if isinstance(root, str) and "://" not in root and re.match(r"[a-zA-Z][a-zA-Z0-9+.-]+:/", root):
+        raise InvalidArgumentError(f"registry {root!r} looks like a URL with one '/' after its scheme; write a server "
+                                   "as 'http://host:port' (two slashes), or give a folder path")
     if not isinstance(root, str) or "://" not in root:
         return Registry
     scheme = root.partition("://")[0].lower()

@@ -80,7 +80,8 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     registry = Registry(config.registry, create=False, verify_key=config.verify_key or None)
     watcher = AliasWatcher(registry, config.model, config.alias, cache_dir=Path(config.cache_dir),
-                           poll_s=config.poll_s, threads=config.threads, on_change=on_change)
+                           poll_s=config.poll_s, threads=config.threads, on_change=on_change,
+                           input_shape=config.sample_shape)
     batcher = MicroBatcher(run_batch, max_batch=config.max_batch if config.batching else 1,
                            max_wait_s=config.max_wait_ms / 1000 if config.batching else 0.0,
                            in_flight=lambda: state["in_flight"])

@@ -40,6 +40,8 @@ class ServeConfig:
     threads: int = 1                  # ONNX Runtime threads per call
     bootstrap: bool = False           # train and register the course MLP first when the registry lacks `model`
     log_level: str = "warning"
+    input_shape: str = ""             # one sample's shape, no batch dimension, e.g. "3,32,32": needed for a model
+    #                                   that is not a course model ("" : the course model's own)
 
     def __post_init__(self):
         check_name(self.model, "model")
@@ -52,6 +54,7 @@ class ServeConfig:
         check_int(self.drift_window, "drift_window", low=100)
         check_number(self.drift_threshold, "drift_threshold", low=0, low_open=True)
         check_int(self.threads, "threads", low=1, high=256)
+        self.sample_shape  # noqa: B018 - refuses a malformed input_shape now, not in the service
         for name in ("batching", "bootstrap"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidArgumentError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -61,6 +64,20 @@ class ServeConfig:
         """The defaults, with the registry from $MVTK_REGISTRY when set, then `overrides` (Lesson 10, §3)."""
         registry = os.environ.get(DEFAULT_ROOT_ENV) or cls.registry
         return replace(cls(registry=registry), **overrides)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...] | None:
+        """input_shape as ints, e.g. (3, 32, 32); None when not given (Lesson 10, §3)."""
+        if not isinstance(self.input_shape, str):
+            raise InvalidArgumentError(f"input_shape must be a str such as '3,32,32', got {self.input_shape!r}")
+        if not self.input_shape.strip():
+            return None
+        parts = self.input_shape.replace("x", ",").split(",")
+        if not all(p.strip().isdigit() and int(p) > 0 for p in parts) or len(parts) > 8:
+            raise InvalidArgumentError(f"input_shape must be one sample's shape without the batch dimension, "
+                                       f"1 to 8 positive ints separated by commas (e.g. '3,32,32'), "
+                                       f"got {self.input_shape!r}")
+        return tuple(int(p) for p in parts)
 
     @property
     def ref(self) -> str:

@@ -52,13 +52,16 @@ def probe_batch(input_shape: tuple[int, ...], size: int = PROBE_SIZE, seed: int 
 
 
 def load_verified(registry, name: str, version: int, *, cache_dir: str | os.PathLike,
-                  threads: int = 1) -> ServedModel:
+                  threads: int = 1, input_shape: tuple[int, ...] | None = None) -> ServedModel:
     """Export (or reuse) `name` v`version` as ONNX and verify it against the registry weights (Lesson 10, §2).
 
     Raises the registry's IntegrityError/SignatureError when the stored weights were changed, and
     ExportError when the ONNX model disagrees with them on the probe batch; nothing is served then.
+    `input_shape` (one sample's, no batch dimension) is needed for a model that is not a course model;
+    every model is served as a classifier (labels and probabilities).
     """
-    predictor = Predictor.from_registry(registry, name, version=version, cache_dir=Path(cache_dir), threads=threads)
+    predictor = Predictor.from_registry(registry, name, version=version, cache_dir=Path(cache_dir), threads=threads,
+                                        input_shape=input_shape, task="classification")
     mv = registry.get(name, version=version)
     model = registry.load_model(name, version=version)  # checksum (and signature) of the weights, again
     parity = check_parity(model, predictor.session, probe_batch(tuple(predictor.input_shape)))

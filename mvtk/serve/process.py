@@ -123,6 +123,10 @@ def wait_for(service: ServiceProcess, path: str, timeout: float) -> None:
                 if response.status_code == 200:
                     return
                 last = f"{response.status_code} {response.text[:300]}"
+                failed = "json" in response.headers.get("content-type", "") and response.json().get("failed") is True
+                if path == "/ready" and response.status_code == 503 and failed:  # a failed load stays failed
+                    raise ServiceError(f"the service cannot load its model: {response.json().get('problem')}; "
+                                       f"stopped waiting (the log ends:\n{service.log()[-2000:]})")
             except httpx.TransportError as exc:
                 last = type(exc).__name__
             time.sleep(0.05)

@@ -21,8 +21,8 @@ class AliasWatcher:
     """Serves whatever `name@alias` points to, once it is verified (Lesson 10, §6)."""
 
     def __init__(self, registry, name: str, alias: str, *, cache_dir, poll_s: float = 0.5, threads: int = 1,
-                 on_change: Callable[["AliasWatcher"], None] | None = None):
-        self.registry, self.name, self.alias = registry, name, alias
+                 on_change: Callable[["AliasWatcher"], None] | None = None, input_shape=None):
+        self.registry, self.name, self.alias, self.input_shape = registry, name, alias, input_shape
         self.cache_dir, self.poll_s, self.threads = cache_dir, poll_s, threads
         self.on_change = on_change or (lambda watcher: None)
         self.current: ServedModel | None = None   # read by every request; replaced, never changed
@@ -75,7 +75,8 @@ class AliasWatcher:
 
     def _load(self, mv) -> None:
         try:
-            model = load_verified(self.registry, mv.name, mv.version, cache_dir=self.cache_dir, threads=self.threads)
+            model = load_verified(self.registry, mv.name, mv.version, cache_dir=self.cache_dir, threads=self.threads,
+                                  input_shape=self.input_shape)
         except Exception as exc:  # IntegrityError, SignatureError, ExportError...: never served
             message = f"{mv.ref} failed verification, not served: {type(exc).__name__}: {str(exc).splitlines()[0]}"
             self.failed[(mv.version, mv.sha256)] = self.problem = message
@@ -85,9 +86,14 @@ class AliasWatcher:
         self.swaps += 1
 
     def status(self) -> dict:
-        """What readiness reports: serving, where the alias points, in sync, and any problem (Lesson 10, §3)."""
+        """What readiness reports: serving, where the alias points, in sync, any problem (Lesson 10, §3).
+
+        `failed`: nothing is served and the alias points to a version that failed to load; it stays so
+        until the alias moves.
+        """
         current = self.current
         return {"ready": current is not None, "alias": self.ref, "alias_version": self.alias_version,
                 "serving_version": None if current is None else current.version,
                 "in_sync": current is not None and current.version == self.alias_version,
-                "problem": self.problem, "polls": self.polls}
+                "problem": self.problem, "polls": self.polls,
+                "failed": current is None and self.problem is not None and self.problem in self.failed.values()}

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -138,6 +140,15 @@ def test_unknown_names_aliases_and_versions_list_what_exists(team):
         team.versions("nothing")
 
 
+def test_int8_weights_are_refused_before_reaching_the_server(team):
+    """Safetensors stores plain tensors only: both backends check that before anything is uploaded."""
+    from mvtk.compress import quantize_int8
+    before = len(team.versions("digits"))
+    with pytest.raises(InvalidArgumentError, match=r"Int8Tensor.*float model.*quantize"):
+        team.register("digits", quantize_int8(torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 4))))
+    assert len(team.versions("digits")) == before
+
+
 @pytest.mark.parametrize("name", ["x' OR name LIKE '%", "../../etc/passwd", "a@b@c", "", "a/b", "x\nname = 'y'"])
 def test_hostile_names_are_refused_before_reaching_the_server(team, name):
     with pytest.raises(InvalidArgumentError):
@@ -186,3 +197,76 @@ def test_signed_versions_verify_on_load_and_unsigned_ones_are_refused(server, tm
     assert checked.load("signed", 1)
     with pytest.raises(SignatureError):
         checked.load("signed", 2)
+
+
+def test_a_url_with_one_slash_is_refused_and_creates_no_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for root in ("http:/127.0.0.1", "https:/host:5000/x"):
+        with pytest.raises(InvalidArgumentError, match="'http://host:port'"):
+            Registry(root)
+    assert not list(tmp_path.iterdir())
+
+
+def test_reserved_and_too_long_aliases_are_refused_before_a_request(team):
+    for alias in ("latest", "LATEST", "v1", "V12"):
+        with pytest.raises(InvalidArgumentError, match="reserved on the MLflow backend"):
+            team.set_alias("digits", alias, 1)
+    with pytest.raises(InvalidArgumentError, match="1 to 64 characters"):
+        team.set_alias("digits", "a" * 200, 1)
+
+
+def test_concurrent_first_sets_of_one_alias_all_succeed(server):
+    registry = Registry(server.url)
+    torch.manual_seed(3)
+    registry.register("race", MLP(hidden=8))
+    errors = []
+
+    def set_it():
+        try:
+            Registry(server.url).set_alias("race", "shared", 1)
+        except Exception as exc:  # noqa: BLE001 - collected and shown by the assert
+            errors.append(exc)
+
+    threads = [threading.Thread(target=set_it) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors, errors
+    assert registry.aliases("race") == {"shared": 1}
+
+
+def test_a_damaged_record_is_skipped_in_listings_and_refused_on_get(server):
+    registry = Registry(server.url)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        registry.register("damaged", MLP(hidden=8))
+    registry.client.set_model_version_tag("damaged", "1", "mvtk.record", "{not json")
+    with pytest.warns(RuntimeWarning, match="damaged version.*damaged v1"):
+        assert [mv.version for mv in registry.versions("damaged")] == [2]
+    with pytest.warns(RuntimeWarning):
+        assert registry.get("damaged").version == 2
+        assert "damaged" in str(registry.table("damaged")) and "damaged" in str(registry.table())
+    with pytest.raises(RegistryError, match="not an mvtk record"):
+        registry.load("damaged", 1)
+
+
+def test_a_frozen_server_fails_each_call_within_the_timeout_and_the_environment_is_restored(tmp_path):
+    """SIGSTOP the server's group: each call fails after `timeout` s (no retries); SIGCONT, and it answers again."""
+    before = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES")}
+    with start_mlflow_server(tmp_path / "frozen", timeout=150) as frozen:
+        registry = Registry(frozen.url, timeout=2)
+        assert registry.names() == []
+        os.killpg(frozen.popen.pid, signal.SIGSTOP)
+        try:
+            for call in (registry.names, lambda: registry.register("cold", {"w": torch.zeros(2)})):
+                started = time.monotonic()
+                with pytest.raises(RegistryError, match=f"MLflow server '{frozen.url}'.*no answer within 2 s"):
+                    call()
+                assert time.monotonic() - started < 20
+        finally:
+            os.killpg(frozen.popen.pid, signal.SIGCONT)
+        assert registry.names() == []
+    assert {k: os.environ.get(k) for k in before} == before
+    with pytest.raises(InvalidArgumentError, match="timeout"):
+        Registry("http://127.0.0.1:1", timeout=0)
