@@ -38,8 +38,8 @@ __all__ = [
     "LATENCY_THREADS", "LATENCY_BATCHES", "LATENCY_ROUNDS", "PRUNABLE", "INT8_MODES", "HALF_DTYPES",
     "GZIP_LEVEL", "GZIP_SHA256_ID", "UNLABELLED", "Measurement", "measure", "saved_size", "latencies_ms", "report",
     "plot_tradeoff", "on_cpu", "layer_values", "sparsity", "prune_layer", "prune_global", "prune_neurons",
-    "make_permanent", "drop_pruned_neurons", "cast", "int8_config", "quantize_int8", "compile_for_cpu",
-    "prepare_qat", "convert_qat", "save_compressed", "load_compressed",
+    "make_permanent", "drop_pruned_neurons", "cast", "int8_config", "check_float_model", "quantize_int8",
+    "compile_for_cpu", "prepare_qat", "convert_qat", "save_compressed", "load_compressed",
     "split_labelled", "distillation_loss", "distill",
 ]
 
@@ -209,7 +209,7 @@ def layer_values(model: nn.Module) -> dict[str, torch.Tensor]:
             if callable(value) and not isinstance(value, torch.Tensor):  # legacy packed int8 layers: weight() / bias()
                 value = value()
             if isinstance(value, torch.Tensor):
-                if value.is_quantized or type(value) not in (torch.Tensor, nn.Parameter):  # int8: torchao, legacy
+                if _quantized_storage(value):  # int8: torchao, legacy
                     value = value.dequantize()
                 values[f"{module_name}.{attr}".lstrip(".")] = value.detach().float()
     return values
@@ -244,7 +244,7 @@ def prune_global(model: nn.Module, amount: float, layer_types: tuple[type, ...] 
     weight is ranked once and gets the same mask in every layer that holds it.
     """
     _check_amount(amount)
-    check_module(model)
+    check_float_model(model, "prune")
     targets, seen = [], set()
     for m in model.modules():
         if isinstance(m, layer_types) and isinstance(getattr(m, "weight", None), torch.Tensor):
@@ -350,6 +350,29 @@ def int8_config(mode: str = "dynamic"):
     return Int8WeightOnlyConfig() if mode == "weight_only" else Int8DynamicActivationInt8WeightConfig()
 
 
+def check_float_model(model: nn.Module, verb: str = "quantize") -> nn.Module:
+    """`model` if its weights are float values in memory; else InvalidArgumentError naming a layer (Lessons 06-07).
+
+    Refused: parameters on the meta device (shapes without values), and a model already quantized
+    (torchao or legacy int8 weights, a PT2E graph with int8 constants): int8 of int8 fails deep in
+    torchao or quantizes twice, so `verb` the float model instead.
+    """
+    check_module(model)
+    tensors = [(name.replace("_orig_mod.", ""), t) for name, t in (*model.named_parameters(), *model.named_buffers())]
+    meta = [name for name, t in tensors if t.device.type == "meta"]
+    if meta:
+        raise InvalidArgumentError(f"{type(model).__name__} has parameters on the meta device ({meta[0]}, "
+                                   f"{len(meta)} in all); materialise them (to_empty + load weights) first")
+    quantized = [name.rpartition(".")[0] or name for name, t in tensors  # torchao int8, PT2E's int8 constants
+                 if _quantized_storage(t) or t.dtype in (torch.int8, torch.uint8)]
+    quantized += [name for name, m in model.named_modules()  # legacy torch.ao int8 layers: packed, not parameters
+                  if type(m).__module__.startswith("torch.ao.nn.quantized")]
+    if quantized:
+        raise InvalidArgumentError(f"{type(getattr(model, '_orig_mod', model)).__name__} is already quantized "
+                                   f"(int8 weights: {quantized[0]}); {verb} the float model")
+    return model
+
+
 def quantize_int8(model: nn.Module, mode: str = "dynamic", *, compiled: bool = False) -> nn.Module:
     """A CPU copy of `model` whose nn.Linear layers hold int8 weights (torchao `quantize_`) (Lesson 06, §6).
 
@@ -358,11 +381,15 @@ def quantize_int8(model: nn.Module, mode: str = "dynamic", *, compiled: bool = F
     (convolutions, norms) stay float: torchao's int8 configs target Linear layers. `compiled=True`
     wraps the copy in `compile_for_cpu` (torch.compile with weight freezing, for inductor's int8 CPU kernels);
     the first call compiles, which takes seconds, and a frozen model ignores later weight changes.
+    Refused: a model already int8 or on the meta device (`check_float_model`), and tied Linear weights
+    (one parameter in two Linear layers): torchao would give each its own int8 copy and the file would grow.
+    A Linear weight tied to an Embedding is quantized in the Linear only: the tie is lost, the embedding stays float.
     """
     from torchao.quantization import quantize_
 
     config = int8_config(mode)
-    if not any(isinstance(m, nn.Linear) for m in check_module(model).modules()):
+    _check_untied(check_float_model(model))
+    if not any(isinstance(m, nn.Linear) for m in model.modules()):
         raise InvalidArgumentError(f"{type(model).__name__} has no nn.Linear layer to quantize: torchao's int8 configs "
                                    "quantize Linear layers only (int8 convolutions: ONNX Runtime, Lesson 07)")
     cpu = on_cpu(model)
@@ -391,7 +418,7 @@ def prepare_qat(model: nn.Module) -> nn.Module:
     from torchao.quantization import quantize_
     from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
 
-    if not any(isinstance(m, nn.Linear) for m in check_module(model).modules()):
+    if not any(isinstance(m, nn.Linear) for m in check_float_model(model, "train").modules()):
         raise InvalidArgumentError(f"{type(model).__name__} has no nn.Linear layer to train for int8: torchao's QAT "
                                    "fake-quantizes Linear (and Embedding) layers only")
     model = make_permanent(copy_model(model))
@@ -541,10 +568,16 @@ def distill(student: nn.Module, teacher: nn.Module, loader: DataLoader, *, epoch
     parameters are in the optimizer, so the teacher never changes; its mode is restored after.
     Each batch is one `mvtk.train.train_step` of the student with `distillation_loss`, for
     classification or regression (`task`, or read from the targets); batches are (inputs, targets),
-    inputs a tensor or a tuple of tensors.
+    inputs a tensor or a tuple of tensors. A student that is the teacher, or trains its parameters, is refused.
     """
     check_module(student, "student")
     check_module(teacher, "teacher")
+    shared = {id(p) for p in student.parameters() if p.requires_grad} & {id(p) for p in teacher.parameters()}
+    if student is teacher or shared:
+        what = ("the student is the teacher" if student is teacher
+                else f"the student trains {len(shared)} of the teacher's parameters")
+        raise InvalidArgumentError(f"{what}: training it would change the teacher it learns from; distill into a "
+                                   "separate (smaller) model")
     _check_distillation(temperature, alpha)
     check_positive_int(epochs, "epochs")
     if task is not None and task not in TASKS:
@@ -585,6 +618,25 @@ def _mask_tied(model: nn.Module, pruned: Sequence[tuple[nn.Module, str]]) -> Non
                 tensor_name = other_name.removesuffix("_orig")
                 if value is param and not (other is module and tensor_name == name):
                     prune.custom_from_mask(other, tensor_name, mask)
+
+
+def _quantized_storage(value: torch.Tensor) -> bool:
+    """True for a tensor stored quantized: a legacy quantized tensor or a tensor subclass such as torchao's int8."""
+    return value.is_quantized or type(value) not in (torch.Tensor, nn.Parameter)
+
+
+def _check_untied(model: nn.Module) -> None:
+    """Refuse one parameter that is the weight of two Linear layers (tied weights): quantize_ would untie it."""
+    holders: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules():
+        param = _parameter(module, "weight") if isinstance(module, nn.Linear) else None  # a pruned one: weight_orig
+        if param is not None:
+            holders.setdefault(id(param), []).append(f"{module_name}.weight".lstrip("."))
+    for names in holders.values():
+        if len(names) > 1:
+            raise InvalidArgumentError(f"{type(model).__name__} has tied weights: {' is '.join(names)}; torchao's "
+                                       "int8 would give each layer its own copy (a larger file, and the tie lost). "
+                                       "Untie them (one nn.Parameter per layer) first, or keep the tied model in float")
 
 
 def _describe(inputs) -> str:

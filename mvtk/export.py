@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from mvtk.checkpoint.program import BATCH_DIM, check_pt2_archive, export_program, load_program
-from mvtk.compress import (GZIP_LEVEL, cast, convert_qat, drop_pruned_neurons, prepare_qat, prune_global, prune_neurons,
-                           quantize_int8, saved_size)
+from mvtk.compress import (GZIP_LEVEL, cast, check_float_model, convert_qat, drop_pruned_neurons, prepare_qat,
+                           prune_global, prune_neurons, quantize_int8, saved_size)
 from mvtk.errors import (ExportError, check_int, check_path, InputShapeError, IntegrityError, InvalidArgumentError, check_module,
                          check_positive_int)
 from mvtk.files import atomic_write, sha256_bytes, sha256_file, write_bytes_atomic, write_error
@@ -71,10 +71,12 @@ SOURCE_KEY = "mvtk.source_sha256"  # ONNX metadata: SHA-256 of the registry weig
 def predict_logits(model: nn.Module, images: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
     """Logits for `images` in eval mode under torch.inference_mode, in batches, on the CPU (Lesson 07, §1).
 
-    The model's train/eval mode is restored afterwards; the input goes to the model's device.
+    The model's train/eval mode is restored afterwards; the input goes to the model's device. A model
+    whose forward takes more than one input is refused (InvalidArgumentError): call it yourself.
     """
     check_module(model)
-    images = _check_tensor(images, "images")
+    images = _one_input(model, images, "images", users="predict_logits, export_onnx, check_parity and Predictor",
+                        fix="call the model yourself under torch.inference_mode()")
     check_positive_int(batch_size, "batch_size")
     device = model_device(model)  # the CPU for a model without parameters or buffers
     with eval_mode(model), torch.inference_mode():
@@ -263,8 +265,13 @@ def io_names(model: nn.Module, input_name: str | None = None, output_name: str |
     return names[0], names[1]
 
 
-def _one_input(model: nn.Module, example) -> torch.Tensor:
-    """`example` checked as one input batch, after making sure the model's forward takes one input."""
+def _one_input(model: nn.Module, example, name: str = "example",
+               users: str = "export_onnx, check_parity and Predictor",
+               fix: str = "export it with torch.onnx.export(model, (a, b), ...) directly") -> torch.Tensor:
+    """`example` checked as one input batch, after making sure the model's forward takes one input.
+
+    The refusal names `users`, the functions that assume one input, and `fix`, what to do instead.
+    """
     try:
         parameters = inspect.signature(unwrap(model).forward).parameters.values()
     except (TypeError, ValueError):
@@ -273,11 +280,9 @@ def _one_input(model: nn.Module, example) -> torch.Tensor:
                 and p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
     if len(required) > 1 or isinstance(example, (tuple, list)):
         shown = f"forward({', '.join(required)})" if len(required) > 1 else f"{len(example)} example inputs"
-        raise InvalidArgumentError(f"{type(model).__name__} takes more than one input ({shown}); export_onnx, "
-                                   "check_parity and Predictor assume one input tensor: export it with "
-                                   "torch.onnx.export(model, (a, b), ...) directly, or wrap it in a module that "
-                                   "takes one tensor")
-    return _check_tensor(example, "example")
+        raise InvalidArgumentError(f"{type(model).__name__} takes more than one input ({shown}); {users} "
+                                   f"assume one input tensor: {fix}, or wrap it in a module that takes one tensor")
+    return _check_tensor(example, name)
 
 
 def _to_onnx_program(model: nn.Module, example: torch.Tensor, dynamic_batch: bool, opset: int | None,
@@ -555,7 +560,8 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, *,
     Weights of `op_types` nodes become int8 (None: every supported op, Conv included);
     activations are quantized on the fly. The model is pre-processed (shape inference,
     graph optimisation) first, as ONNX Runtime recommends. One self-contained file is written, with
-    its `<dst>.sha256` manifest; `src`'s manifest is verified first when it has one.
+    its `<dst>.sha256` manifest; `src`'s manifest is verified first when it has one. Refused: `dst` the
+    same file as `src`, and a `src` that is already quantized.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -563,6 +569,7 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, *,
     src, dst = check_path(src, "src"), _check_onnx_path(dst)
     _manifest_slot(dst)
     check_onnx(src)
+    _check_float_onnx(src, dst)
     if op_types is not None and (isinstance(op_types, str) or not all(isinstance(o, str) for o in op_types)):
         raise InvalidArgumentError(f"op_types must be a list of ONNX op names such as ['MatMul', 'Gemm'] or None, "
                                    f"got {op_types!r}")
@@ -599,8 +606,9 @@ def quantize_onnx_static(src: str | os.PathLike, dst: str | os.PathLike, calibra
     onnxruntime's quantize_static after quant_pre_process: weights int8 (per output channel when
     `per_channel`), activations uint8 with a scale fixed from the min/max they reach on the
     calibration batch (from the training split), Conv included. The graph's input must be float32
-    and `calibration` a non-empty batch of samples of its shape; a wrong shape, an empty batch or a
-    missing/invalid `src` raises an mvtk error naming it. One self-contained file with its manifest.
+    and `calibration` a non-empty batch of finite samples of its shape; a wrong shape, an empty batch, a
+    missing/invalid or already quantized `src`, or `dst` the same file as `src` raises an mvtk error
+    naming it. One self-contained file with its manifest.
     """
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -609,14 +617,11 @@ def quantize_onnx_static(src: str | os.PathLike, dst: str | os.PathLike, calibra
     check_positive_int(batch_size, "batch_size")
     _manifest_slot(dst)
     check_onnx(src)
+    _check_float_onnx(src, dst)
     name, shape, dtype = describe_onnx(src).inputs[0]
-    array = _to_numpy(calibration, "calibration")
-    if array.ndim != len(shape) or tuple(array.shape[1:]) != tuple(shape[1:]) or len(array) == 0:
-        raise InvalidArgumentError(f"calibration must be a non-empty batch shaped like {src.name}'s input "
-                                   f"{name} {tuple(shape)}, got shape {tuple(array.shape)}")
-    if dtype != "float32" or not np.isfinite(array).all():
-        raise InvalidArgumentError(f"static int8 calibrates float32 inputs with finite values; {src.name} takes {dtype}, "
-                                   f"calibration holds {array.dtype} with {int((~np.isfinite(array)).sum())} NaN/inf")
+    array = _check_calibration(calibration, f"{src.name}'s input {name}", shape)
+    if dtype != "float32":
+        raise InvalidArgumentError(f"static int8 calibrates float32 inputs; {src.name} takes {dtype}")
     batches = [{name: np.ascontiguousarray(array[i:i + batch_size], dtype=np.float32)}
                for i in range(0, len(array), batch_size)]
 
@@ -645,25 +650,28 @@ def quantize_pt2e(model: nn.Module, calibration: torch.Tensor, *, batch_size: in
 
     The returned module holds int8 weights between quantize/dequantize nodes; it runs eagerly as a
     reference, and torch.compile lowers it to int8 kernels. `calibration` (training images) sets the
-    activation scales; the batch dimension stays dynamic. The model itself is not changed.
+    activation scales (a non-empty batch of finite values; one image is enough); the batch dimension
+    stays dynamic. The model itself is not changed; a model already int8 or on the meta device is refused.
     """
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
         X86InductorQuantizer, get_default_x86_inductor_quantization_config)
 
-    check_module(model)
+    check_float_model(model)
     calibration = _check_tensor(calibration, "calibration").detach().cpu()
+    _check_calibration(calibration, f"{type(model).__name__}'s input")
     check_positive_int(batch_size, "batch_size")
+    example = calibration[[0, 0]] if len(calibration) == 1 else calibration[:2]  # batch 1 would fix the batch size
     copy_ = cpu_eval_copy(model)
     try:
         with torch.no_grad():
-            copy_(calibration[:2])
+            copy_(example)
     except Exception as exc:
         raise InvalidArgumentError(f"calibration of shape {tuple(calibration.shape)} does not fit "
                                    f"{type(model).__name__}: {_first_line(exc)[:160]}") from None
     quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
     try:
-        captured = torch.export.export(copy_, (calibration[:2],), dynamic_shapes=({0: torch.export.Dim("batch")},))
+        captured = torch.export.export(copy_, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
         prepared = prepare_pt2e(captured.module(), quantizer)
     except Exception as exc:
         raise ExportError(f"PT2E cannot capture {type(model).__name__}: {_first_line(exc)[:200]}") from exc
@@ -682,20 +690,24 @@ def quantize_pt2e(model: nn.Module, calibration: torch.Tensor, *, batch_size: in
 # -- §6 torch.export (.pt2) -------------------------------------------------------------------------------
 
 
-def save_exported(model: nn.Module, example: torch.Tensor, path: str | os.PathLike, *,
+def save_exported(model: nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...], path: str | os.PathLike, *,
                   dynamic_batch: bool = True) -> Path:
     """torch.export an eval-mode CPU copy of `model` and save the program as a .pt2 file (Lesson 07, §6).
 
+    `example` is one input batch, or a tuple of them for a forward with several inputs (each batch first).
     The file is written atomically, with `<path>.sha256` beside it (load_exported verifies it); a full
     disk raises ExportError naming the file, and the old file stays as it was.
     """
     check_module(model)
-    example = _check_tensor(example, "example")
+    if isinstance(example, (tuple, list)) and example:
+        example = tuple(_check_tensor(x, f"example[{i}]") for i, x in enumerate(example))
+    else:
+        example = (_check_tensor(example, "example"),)
     path = check_path(path, "path")
     if path.suffix != ".pt2":
         raise InvalidArgumentError(f"path must end in .pt2, got {str(path)!r}")
     manifest = _manifest_slot(path)
-    data = export_program(model, (example,), dynamic_batch=dynamic_batch)  # lesson 03's home, shared with the registry
+    data = export_program(model, example, dynamic_batch=dynamic_batch)  # lesson 03's home, shared with the registry
     _write_or_explain(path, lambda tmp: tmp.write_bytes(data))
     _write_or_explain(manifest, lambda tmp: tmp.write_text(f"{sha256_bytes(data)}  {path.name}\n"))
     return path
@@ -980,6 +992,8 @@ def deployment_map(name: str, build: Callable[[], nn.Module], loaders, *, epochs
         raise InvalidArgumentError(f"paths must include 'fp32' and come from {MAP_PATHS}, with at least one seed; "
                                    f"got paths {paths} (unknown: {unknown}) and seeds {list(seeds)}")
     folder = check_path(folder, "folder")
+    if folder.exists() and not folder.is_dir():
+        raise InvalidArgumentError(f"folder {str(folder)!r} is a file; deployment_map writes its models into a folder")
     test_images, test_labels = _collect(loaders.test, "loaders.test")
     train_images, _ = _collect(loaders.train, "loaders.train")
     accuracies: dict[str, list[float]] = {p: [] for p in paths}
@@ -1203,6 +1217,33 @@ def _check_tensor(value, name: str) -> torch.Tensor:
         raise InvalidArgumentError(f"{name} must be a non-empty batch with the batch dimension first, "
                                    f"got shape {tuple(value.shape)}")
     return value
+
+
+def _check_calibration(calibration, source: str, shape: Sequence | None = None) -> np.ndarray:
+    """`calibration` as an array if it is a non-empty batch of finite values (shaped like `shape`, batch first)."""
+    array = _to_numpy(calibration, "calibration")
+    if (array.ndim == 0 or len(array) == 0
+            or shape is not None and (array.ndim != len(shape) or tuple(array.shape[1:]) != tuple(shape[1:]))):
+        like = f" shaped like {source} {tuple(shape)}" if shape is not None else ""
+        raise InvalidArgumentError(f"calibration must be a non-empty batch{like}, got shape {tuple(array.shape)}")
+    bad = int(array.size - np.isfinite(array).sum())
+    if bad:
+        raise InvalidArgumentError(f"calibration for {source} must hold finite values; it holds {bad} NaN/inf, "
+                                   "which would make every activation scale NaN")
+    return array
+
+
+def _check_float_onnx(src: Path, dst: Path) -> None:
+    """Refuse `dst` naming the same file as `src`, and a `src` that already holds quantization nodes."""
+    if dst.resolve() == src.resolve() or (dst.exists() and os.path.samefile(src, dst)):
+        raise InvalidArgumentError(f"dst {str(dst)!r} is the source model {str(src)!r}: the int8 copy would overwrite "
+                                   "the float model; write it to another file")
+    quantized = sorted(op for op in describe_onnx(src).operators
+                       if op in ("QuantizeLinear", "DynamicQuantizeLinear") or op.startswith("QLinear")
+                       or op.endswith("Integer"))
+    if quantized:
+        raise InvalidArgumentError(f"{src.name} is already quantized (it holds {', '.join(quantized)} nodes); "
+                                   "quantize the float model")
 
 
 def _check_onnx_path(path) -> Path:

@@ -480,3 +480,54 @@ def test_a_flipped_header_byte_shows_two_digests_that_differ(mlp, tmp_path, at):
         compress.load_compressed(path)
     expected, got = re.search(r"expected ([0-9a-f]+)\W.*got ([0-9a-f]+)", str(refused.value)).groups()
     assert expected != got and not (expected.startswith(got) or got.startswith(expected)), str(refused.value)
+
+
+# --- refusals found by an outside tester: already int8, tied weights, meta tensors, student is teacher ------
+
+def already_int8(mlp):
+    return {"dynamic": compress.quantize_int8(mlp), "weight_only": compress.quantize_int8(mlp, "weight_only"),
+            "compiled": compress.quantize_int8(mlp, compiled=True)}
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "weight_only", "compiled"])
+def test_an_int8_model_is_refused_by_quantize_and_qat_naming_a_layer(mlp, kind):
+    int8 = already_int8(mlp)[kind]
+    for mode in compress.INT8_MODES:
+        with pytest.raises(InvalidArgumentError, match=r"already quantized \(int8 weights: fc1\); quantize the float"):
+            compress.quantize_int8(int8, mode, compiled=kind == "compiled")
+    with pytest.raises(InvalidArgumentError, match="already quantized"):
+        compress.prepare_qat(int8)
+
+
+class TiedLinears(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 32), nn.Linear(32, 32)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_tied_linear_weights_are_refused_naming_both_layers():
+    with pytest.raises(InvalidArgumentError, match=r"tied weights: a\.weight is b\.weight"):
+        compress.quantize_int8(TiedLinears())
+    pruned = compress.make_permanent(compress.prune_global(TiedLinears(), 0.5))  # pruning keeps the tie: still refused
+    with pytest.raises(InvalidArgumentError, match="tied weights"):
+        compress.quantize_int8(pruned)
+
+
+@pytest.mark.parametrize("call", [compress.quantize_int8, compress.prepare_qat,
+                                  lambda m: compress.prune_global(m, 0.5)], ids=["int8", "qat", "prune"])
+def test_a_model_on_the_meta_device_is_refused_before_any_work(call):
+    with torch.device("meta"):
+        model = MLP(hidden=16)
+    with pytest.raises(InvalidArgumentError, match="on the meta device .*materialise them"):
+        call(model)
+
+
+def test_a_student_that_is_the_teacher_is_refused(mlp, loader):
+    before = copy.deepcopy(mlp.state_dict())
+    with pytest.raises(InvalidArgumentError, match="student is the teacher"):
+        compress.distill(mlp, mlp, loader, epochs=1, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in mlp.state_dict().items())

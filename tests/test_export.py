@@ -707,3 +707,60 @@ def test_the_map_table_and_figure_show_every_path(small_map):
 def test_the_map_refuses_unknown_paths_and_needs_fp32(tmp_path, paths):
     with pytest.raises(InvalidArgumentError, match="paths must include 'fp32'"):
         export.deployment_map("conv", conv_net, tiny_loaders(), epochs=1, paths=paths, folder=tmp_path)
+
+
+# --- refusals found by an outside tester: dst is src, int8 of int8, NaN or one-image calibration -----------
+
+@pytest.mark.parametrize("static", [True, False], ids=["static", "dynamic"])
+def test_int8_onnx_refuses_to_overwrite_its_source_by_any_spelling(conv_onnx, tmp_path, static):
+    src = conv_onnx[1]
+    before = src.read_bytes()
+    (tmp_path / "link.onnx").symlink_to(src)
+    for dst in (src, src.parent / "." / src.name, tmp_path / "link.onnx"):
+        with pytest.raises(InvalidArgumentError, match="is the source model"):
+            if static:
+                export.quantize_onnx_static(src, dst, torch.rand(4, 1, 8, 8))
+            else:
+                export.quantize_onnx(src, dst)
+    assert src.read_bytes() == before
+
+
+def test_int8_onnx_refuses_an_already_quantized_source_naming_it(conv_onnx, tmp_path):
+    static = export.quantize_onnx_static(conv_onnx[1], tmp_path / "static.onnx", torch.rand(8, 1, 8, 8))
+    dynamic = export.quantize_onnx(conv_onnx[1], tmp_path / "dynamic.onnx")
+    for src in (static, dynamic):
+        with pytest.raises(InvalidArgumentError, match=rf"{src.name} is already quantized .*QuantizeLinear"):
+            export.quantize_onnx_static(src, tmp_path / "again.onnx", torch.rand(8, 1, 8, 8))
+        with pytest.raises(InvalidArgumentError, match=rf"{src.name} is already quantized"):
+            export.quantize_onnx(src, tmp_path / "again.onnx")
+    assert not (tmp_path / "again.onnx").exists()
+
+
+def test_pt2e_refuses_an_int8_or_meta_model_and_nan_calibration():
+    int8 = export.quantize_pt2e(conv_net(), torch.rand(8, 1, 8, 8))
+    with pytest.raises(InvalidArgumentError, match="already quantized"):
+        export.quantize_pt2e(int8, torch.rand(8, 1, 8, 8))
+    with torch.device("meta"):
+        meta = MLP(hidden=16)
+    with pytest.raises(InvalidArgumentError, match="meta device"):
+        export.quantize_pt2e(meta, torch.rand(4, 1, 8, 8))
+    calibration = torch.rand(4, 1, 8, 8)
+    calibration[1, 0, 0, :3] = float("nan")
+    with pytest.raises(InvalidArgumentError, match="finite values; it holds 3 NaN/inf"):
+        export.quantize_pt2e(conv_net(), calibration)
+
+
+def test_pt2e_calibrates_on_one_image_and_keeps_the_batch_dynamic():
+    model = conv_net()
+    int8 = export.quantize_pt2e(model, torch.rand(1, 1, 8, 8))
+    images = torch.rand(5, 1, 8, 8)
+    with torch.no_grad():
+        logits = int8(images)
+        assert logits.shape == (5, 10) and (logits.argmax(1) == model(images).argmax(1)).float().mean() >= 0.6
+
+
+def test_the_map_checks_its_folder_before_training(tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(InvalidArgumentError, match="is a file"):
+        export.deployment_map("conv", lambda: pytest.fail("trained before checking the folder"), tiny_loaders(),
+                              epochs=1, folder=tmp_path / "a_file")
