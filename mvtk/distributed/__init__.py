@@ -11,7 +11,8 @@ from mvtk.distributed.elastic import (CLASSES, FEATURES, FINAL_NAME, LOG_NAME, R
 from mvtk.distributed.launch import (AGENT, FRESH_STORE_ENV, TAG_ENV, WORKER, NodesRun, kill_during_save, launch_nodes,
                                      local_endpoint, node_command, processes_tagged, stop_tagged, worker_results)
 from mvtk.distributed.scale import MIXED_PRECISION_ADAM, advice, checkpoint_plan
-from mvtk.distributed.sharded import (LATEST, METADATA, PAUSED_MARK, PendingSave, checkpoint_files, example_state,
+from mvtk.distributed.sharded import (LATEST, METADATA, PAUSED_MARK, PendingSave, checkpoint_files, close_async_saves,
+                                      example_state,
                                       from_torch_save, latest_folder, load_sharded, save_sharded, shard_state,
                                       state_bytes, state_equal, step_folder, to_torch_save, zeros_like_state)
 
@@ -22,6 +23,6 @@ __all__ = [
     "processes_tagged", "stop_tagged", "worker_results",
     "MIXED_PRECISION_ADAM", "advice", "checkpoint_plan",
     "LATEST", "METADATA", "PAUSED_MARK", "PendingSave", "checkpoint_files", "example_state", "from_torch_save",
-    "latest_folder", "load_sharded", "save_sharded", "shard_state", "state_bytes", "state_equal", "step_folder",
+    "latest_folder", "load_sharded", "save_sharded", "close_async_saves", "shard_state", "state_bytes", "state_equal", "step_folder",
     "to_torch_save", "zeros_like_state",
 ]

@@ -117,6 +117,7 @@ def main(argv=None) -> int:
         (out / f"{args.task}-rank{value['rank']}.json").write_text(json.dumps(value))
     finally:
         if grouped:
+            sharded.close_async_saves()  # its writer thread and gloo group go before the groups are torn down
             dist.destroy_process_group()
     return 0
 

@@ -39,7 +39,7 @@ from mvtk.files import atomic_write
 
 __all__ = ["LATEST", "METADATA", "PAUSED_MARK", "step_folder", "latest_folder", "save_sharded", "PendingSave",
            "load_sharded", "checkpoint_files", "example_state", "shard_state", "zeros_like_state", "state_equal",
-           "to_torch_save", "from_torch_save", "state_bytes"]
+           "to_torch_save", "from_torch_save", "state_bytes", "close_async_saves"]
 
 LATEST = "latest"        # a one-line text file: the name of the newest complete step folder
 METADATA = ".metadata"   # DCP writes it last: a folder without it is an unfinished save
@@ -160,6 +160,25 @@ def _async_group():
     if _save_group[0] is not dist.group.WORLD:
         _save_group = (dist.group.WORLD, dist.new_group(backend="gloo"))
     return _save_group[1]
+
+
+def close_async_saves() -> None:
+    """Wait for this process's async save, free its staging buffers and its gloo group (Lesson 11, §3).
+
+    Call it on every rank before `dist.destroy_process_group()`, so no writer thread or collective of
+    the save group is still alive while the groups are torn down.
+    """
+    global _in_flight, _stager, _save_group
+    if _in_flight is not None:
+        wait_for([_in_flight])
+        _in_flight = None
+    if _stager is not None:
+        _stager.close()
+        _stager = None
+    world, group = _save_group
+    if group is not None and dist.is_initialized() and world is dist.group.WORLD:
+        dist.destroy_process_group(group)
+    _save_group = (None, None)
 
 
 def save_sharded(state: Mapping[str, Any], root: str | os.PathLike, step: int, *, asynchronous: bool = False,
