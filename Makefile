@@ -21,6 +21,7 @@ OTTER_BUILD ?= build/otter
 OTTER_ASSIGN_ARGS ?=  # e.g. --no-run-tests: skip running the checks against the teacher's solutions
 SUBMISSIONS ?=
 GRADES     ?= grades.csv
+TIMEOUT    ?= 600  # seconds each submission may run under make grade
 # `make lab` and `make student-lab` read jupyter/ (no news, update or extension-manager look-ups).
 LAB := JUPYTER_CONFIG_PATH=$(CURDIR)/jupyter$${JUPYTER_CONFIG_PATH:+:$$JUPYTER_CONFIG_PATH} $(BIN)/jupyter lab
 
@@ -70,7 +71,7 @@ student: $(STAMP)  ## the student release in student/ (Otter Assign: solutions o
 	$(BIN)/python -m mvtk.classroom collect $(OTTER_BUILD) $(STUDENT) $(AUTOGRADER)
 
 grade: $(STAMP)  ## grade SUBMISSIONS=folder (alice/00_setup.ipynb, …) into $(GRADES): one row per student and exercise
-	$(BIN)/python -m mvtk.classroom grade "$(SUBMISSIONS)" $(AUTOGRADER) $(GRADES)
+	$(BIN)/python -m mvtk.classroom grade "$(SUBMISSIONS)" $(AUTOGRADER) $(GRADES) --timeout $(TIMEOUT)
 
 bench: $(STAMP)  ## run every benchmark and print its table
 	set -e; for script in benchmarks/*.py; do echo "== $$script"; $(BIN)/python $$script; done

@@ -13,10 +13,11 @@ import tempfile
 from pathlib import Path
 
 import nbformat
+import psutil
 import pytest
 import yaml
 
-from mvtk.classroom import CSV_COLUMNS, collect, grade_folder, main, normalise
+from mvtk.classroom import CSV_COLUMNS, NO_CONTAINER, collect, grade_folder, main, normalise
 from mvtk.errors import InvalidArgumentError
 from notebook_utils import NOTEBOOKS, ROOT, code_cells, read, tagged
 
@@ -134,9 +135,11 @@ def test_student_copies_carry_no_harness_markers_outputs_or_teacher_tags(lesson)
 @pytest.mark.slow
 def test_make_grade_passes_correct_answers_and_fails_untouched_copies(release):
     """One correct and one wrong submission per exercise: the teacher's solutions typed into the student copy
-    (alice/NN_topic.ipynb), and the untouched student copy (bob_NN_topic.ipynb, the flat naming)."""
+    (alice/NN_topic.ipynb), and the untouched student copy (bob_NN_topic.ipynb, the flat naming); an empty file
+    (carol's) gets failing rows with a note, and the others are graded all the same."""
     submissions, graded = release / "submissions", [release / "teacher" / path.name for path in GRADED]
     (submissions / "alice").mkdir(parents=True)
+    (submissions / f"carol_{graded[0].name}").write_bytes(b"")
     for path in graded:
         student = read(release / "student" / path.name)
         nbformat.write(student, submissions / f"bob_{path.name}")
@@ -150,9 +153,14 @@ def test_make_grade_passes_correct_answers_and_fails_untouched_copies(release):
         reader = csv.DictReader(handle)
         assert reader.fieldnames == CSV_COLUMNS
         rows = sorted(tuple(row.values()) for row in reader)
-    expected = sorted([(who, path.stem, name, passed, points) for path in graded for name in auto_checked(path)
-                       for who, passed, points in (("alice", "true", "1"), ("bob", "false", "0"))])
+    unreadable = "could not read the notebook (NotJSONError): not graded"
+    expected = sorted([(who, path.stem, name, passed, points, "false", note) for path in graded
+                       for name in auto_checked(path)
+                       for who, passed, points, note in (("alice", "true", "1", ""), ("bob", "false", "0", ""))]
+                      + [("carol", graded[0].stem, name, "false", "0", "false", unreadable)
+                         for name in auto_checked(graded[0])])
     assert rows == expected
+    assert f"{len(graded) * 2 + 1} notebooks from 3 students" in result.stdout and NO_CONTAINER in result.stdout
     assert sorted(p.name for p in release.iterdir() if p.is_file()) == ["grades.csv"], "a temporary file was left"
 
 
@@ -177,9 +185,100 @@ def test_grading_fails_clearly_on_bad_input(tmp_path):
     (tmp_path / "autograder" / "00_setup.zip").write_bytes(b"")
     (tmp_path / "alice").mkdir()
     (tmp_path / "alice" / "homework.ipynb").write_text("{}")
-    with pytest.raises(InvalidArgumentError, match="matches no lesson"):
+    with pytest.raises(InvalidArgumentError, match="no submitted notebooks .* matches no lesson"):
         grade_folder(tmp_path / "alice", tmp_path / "autograder", tmp_path / "grades.csv")
+    (tmp_path / "alice" / "00_setup.ipynb").write_text("{}")
+    with pytest.raises(InvalidArgumentError, match="not a readable zip"):
+        grade_folder(tmp_path, tmp_path / "autograder", tmp_path / "grades.csv")
     assert not (tmp_path / "grades.csv").exists()
+
+
+def submissions_folder(release: Path, tmp_path: Path) -> Path:
+    """An empty submissions folder and a copy of lesson 00's autograder beside it."""
+    (tmp_path / "autograder").mkdir()
+    (tmp_path / "autograder" / "00_setup.zip").write_bytes((release / "autograder" / "00_setup.zip").read_bytes())
+    (tmp_path / "returned").mkdir()
+    return tmp_path / "returned"
+
+
+def read_grades(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_unreadable_misnamed_and_linked_files_do_not_stop_the_class(release, tmp_path, capsys):
+    """Nothing here is run: an empty and a broken notebook get failing rows with a note (a name that a spreadsheet
+    would run as a formula is written as text), a misnamed file and a linked folder are skipped with a warning."""
+    returned = submissions_folder(release, tmp_path)
+    (returned / "carol_00_setup.ipynb").write_bytes(b"")
+    (returned / "=HYPERLINK(1)").mkdir()
+    (returned / "=HYPERLINK(1)" / "00_setup.ipynb").write_text('{"cells": [')
+    (returned / "gina").mkdir()
+    (returned / "gina" / "my homework.ipynb").write_text("{}")
+    (returned / "linked").symlink_to(returned / "gina")
+    assert main(["grade", str(returned), str(tmp_path / "autograder"), str(tmp_path / "grades.csv")]) == 0
+    rows = read_grades(tmp_path / "grades.csv")
+    assert {row["student"] for row in rows} == {"carol", "'=HYPERLINK(1)"}
+    assert [row["exercise"] for row in rows] == auto_checked(release / "teacher" / "00_setup.ipynb") * 2
+    assert all(row["passed"] == "false" and row["points"] == "0" and row["flagged"] == "false"
+               and row["note"].startswith("could not read the notebook") for row in rows)
+    out, err = capsys.readouterr()
+    assert "2 notebooks from 2 students: 0 of 4 exercises passed" in out
+    assert "skipped 2 files" in out and "my homework.ipynb" in out and str(returned / "linked") in out
+    assert "symbolic link" in err and "matches no lesson" in err and NO_CONTAINER in out
+
+
+def test_one_unreadable_notebook_is_counted_in_the_singular(release, tmp_path, capsys):
+    returned = submissions_folder(release, tmp_path)
+    (returned / "carol_00_setup.ipynb").write_text("not a notebook")
+    assert main(["grade", str(returned), str(tmp_path / "autograder"), str(tmp_path / "grades.csv")]) == 0
+    assert "1 notebook from 1 student: 0 of 2 exercises passed" in capsys.readouterr().out
+
+
+def test_two_submissions_for_one_student_and_lesson_are_refused_before_grading(release, tmp_path):
+    returned = submissions_folder(release, tmp_path)
+    (returned / "dup").mkdir()
+    for path in (returned / "dup" / "00_setup.ipynb", returned / "dup_00_setup.ipynb"):
+        nbformat.write(read(release / "student" / "00_setup.ipynb"), path)
+    with pytest.raises(InvalidArgumentError, match="two submissions of 00_setup for 'dup'") as refused:
+        grade_folder(returned, tmp_path / "autograder", tmp_path / "grades.csv")
+    assert "dup/00_setup.ipynb" in str(refused.value) and "dup_00_setup.ipynb" in str(refused.value)
+    assert not (tmp_path / "grades.csv").exists()
+
+
+CHEAT = """import otter.test_files.exception_test as runner
+def always_passes(self, global_environment):
+    self.passed = True
+runner.ExceptionTestFile.run = always_passes
+def seeded_twice():
+    return None"""
+
+
+@pytest.mark.slow
+def test_a_cheat_is_flagged_and_an_endless_answer_is_stopped_and_cleaned_up(release, tmp_path, monkeypatch):
+    """Mallory patches Otter's test runner (it works without a container: she is flagged for review); Trudy's
+    answer never ends: her notebook is stopped at the time limit, its kernel killed, its temporary files gone."""
+    returned = submissions_folder(release, tmp_path)
+    init = code_cells(read(release / "student" / "00_setup.ipynb"))[0].source
+    for student, answer in (("mallory", CHEAT), ("trudy", "while True:\n    pass")):
+        (returned / student).mkdir()
+        cells = [nbformat.v4.new_code_cell(init), nbformat.v4.new_code_cell(answer)]
+        nbformat.write(nbformat.v4.new_notebook(cells=cells), returned / student / "00_setup.ipynb")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    rows, skipped = grade_folder(returned, tmp_path / "autograder", tmp_path / "grades.csv", timeout=12)
+    assert not skipped and rows == read_grades(tmp_path / "grades.csv")
+    flagged = {row["student"] for row in rows if row["flagged"] == "true"}
+    assert flagged == {"mallory"}
+    assert all("ExceptionTestFile" in row["note"] for row in rows if row["student"] == "mallory")
+    trudy = [row for row in rows if row["student"] == "trudy"]
+    assert [row["exercise"] for row in trudy] == auto_checked(release / "teacher" / "00_setup.ipynb")
+    assert all(row["passed"] == "false" and row["points"] == "0" and "timed out after 12 s" in row["note"]
+               for row in trudy)
+    assert not list(scratch.iterdir()), "a grading process left temporary files"
+    left = [p.pid for p in psutil.process_iter(["cmdline"]) if str(scratch) in " ".join(p.info["cmdline"] or [])]
+    assert not left, "a grading kernel is still running"
 
 
 def test_make_grade_without_a_folder_says_how_to_call_it(capsys):
