@@ -33,7 +33,7 @@ from mvtk.compress import (GZIP_LEVEL, cast, check_float_model, convert_qat, dro
                            prune_global, prune_neurons, quantize_int8, saved_size)
 from mvtk.errors import (ExportError, check_int, check_path, InputShapeError, IntegrityError, InvalidArgumentError, check_module,
                          check_positive_int)
-from mvtk.files import atomic_write, sha256_bytes, sha256_file, write_bytes_atomic, write_error
+from mvtk.files import atomic_write, sha256_bytes, sha256_file, write_error
 from mvtk.models import MODELS, copy_model, eval_mode, model_device, sample_shape, unwrap
 from mvtk.timing import median_latencies
 from mvtk.train import fit

@@ -1,6 +1,5 @@
 """Lesson 07's claims: export -> check -> run for both models, any batch size, int8, .pt2, a Predictor that refuses bad input."""
 import copy
-import io
 import json
 import zipfile
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 from mvtk import export
-from mvtk.errors import ExportError, InputShapeError, IntegrityError, InvalidArgumentError, MvtkError
+from mvtk.errors import ExportError, InputShapeError, IntegrityError, InvalidArgumentError
 from mvtk.models import MLP, SmallCNN
 from mvtk.registry import Registry
 

@@ -13,7 +13,6 @@ import re
 import signal
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 import mvtk.checkpoint as ckpt
-from mvtk.checkpoint import (ModelCheckpoint, latest_checkpoint, load_checkpoint, load_key, load_private_key,
-                             load_public_key, load_weights, new_signing_key, read_checkpoint, save_checkpoint,
+from mvtk.checkpoint import (ModelCheckpoint, latest_checkpoint, load_checkpoint, load_key, load_weights,
+                             read_checkpoint, save_checkpoint,
                              save_weights)
-from mvtk.errors import (CheckpointError, DecryptionError, IntegrityError, InvalidArgumentError, MvtkError,
+from mvtk.errors import (CheckpointError, IntegrityError, InvalidArgumentError, MvtkError,
                          SignatureError)
 from mvtk.files import TEMP_NAME
 from mvtk.models import MLP
