@@ -5,6 +5,8 @@ Only the lessons already in Otter's format (a raw `# ASSIGNMENT CONFIG` first ce
 """
 from __future__ import annotations
 
+import ast
+import builtins
 import csv
 import os
 import re
@@ -120,6 +122,45 @@ def test_student_copies_keep_one_check_per_exercise_and_its_public_tests(lesson)
     assert code_cells(student)[0].source.endswith(f'grader = otter.Notebook("{path.name}")')
     tests = student.metadata["otter"]["tests"]
     assert sorted(tests) == sorted(names) and all("hidden=False" in source for source in tests.values())
+
+
+def names_a_check_reads_from_outside(source: str) -> dict[str, list[str]]:
+    """For each `test_*` function in an Otter test cell: the names it reads that are not its parameters, its own
+    locals or imports, or builtins. Otter runs a check in the test file's namespace and hands it only the notebook
+    variables named as parameters, so any other name is a NameError for the student (nbval cannot see this: it
+    runs the cell inside the notebook)."""
+    tree = ast.parse(re.sub(r'^""" # BEGIN TEST CONFIG.*?""" # END TEST CONFIG\n', "", source, flags=re.S))
+    found = {}
+    for function in [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name.startswith("test")]:
+        bound = {arg.arg for arg in ast.walk(function) if isinstance(arg, ast.arg)}
+        for node in ast.walk(function):
+            if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+                bound.add(node.id)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                bound.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+            elif isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node is not function:
+                bound.add(node.name)
+            elif isinstance(node, ast.ExceptHandler) and node.name:
+                bound.add(node.name)
+        read_names = {node.id for node in ast.walk(function) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)}
+        found[function.name] = sorted(read_names - bound - set(dir(builtins)))
+    return found
+
+
+@pytest.mark.parametrize("path", CONVERTED, ids=[p.stem for p in CONVERTED])
+def test_every_check_takes_the_notebook_names_it_uses_as_parameters(path):
+    inside, outside = False, {}
+    for cell in read(path).cells:
+        if cell.cell_type == "raw" and cell.source.strip() in ("# BEGIN TESTS", "# END TESTS"):
+            inside = cell.source.strip() == "# BEGIN TESTS"
+        elif inside and cell.cell_type == "code":
+            outside.update({name: free for name, free in names_a_check_reads_from_outside(cell.source).items() if free})
+    assert not outside, f"{path.name}: these checks read notebook names they do not take as parameters: {outside}"
+
+
+def test_the_parameter_check_finds_a_name_read_from_outside():
+    source = "def test_q1(answer):\n    import math\n    assert answer(model) == math.pi\n\ntest_q1(answer)"
+    assert names_a_check_reads_from_outside(source) == {"test_q1": ["model"]}
 
 
 def test_student_copies_carry_no_harness_markers_outputs_or_teacher_tags(lesson):
