@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 import threading
 import time
 
@@ -21,12 +22,12 @@ import torch
 
 from mvtk.data import load_dataset, make_loaders
 from mvtk.env import seed_everything
-from mvtk.errors import InvalidArgumentError
+from mvtk.errors import InvalidArgumentError, NotFoundError
 from mvtk.export import Predictor
 from mvtk.models import MLP
 from mvtk.registry import Registry
-from mvtk.serve import (MicroBatcher, ServeConfig, ServiceError, load_test, parse_args, parse_metrics,
-                        request_bodies, start_service, to_args)
+from mvtk.serve import (MicroBatcher, ServeConfig, ServiceError, create_app, ensure_model, failure_text, load_test,
+                        parse_args, parse_metrics, remove_stale_staging, request_bodies, start_service, to_args)
 from mvtk.train import fit
 from notebook_utils import ROOT
 
@@ -70,7 +71,7 @@ def started(world, name: str, **overrides):
 
 @pytest.fixture(scope="module")
 def service(world):
-    service = started(world, "main")
+    service = started(world, "main", retry_s=0.3)
     yield service
     code = service.stop()
     assert code in (0, -signal.SIGTERM), service.log()[-2000:]
@@ -144,6 +145,9 @@ def test_metrics_are_prometheus_text_with_requests_version_and_latency(client):
     (b'{"inputs": [[[NaN, 0, 0, 0, 0, 0, 0, 0]]]}', "(N, 1, 8, 8)"),
     (json.dumps({"inputs": [[[float(10**40)] * 8] * 8]}).encode(), "NaN/inf"),
     (json.dumps({"inputs": []}).encode(), "(N, 1, 8, 8)"),
+    (b'{"inputs": ' + b"[" * 1000 + b"0" + b"]" * 1000 + b"}", "nested too deeply"),
+    (b'{"inputs": ' + b"[" * 100 + b"0" + b"]" * 100 + b"}", "nested too deeply"),
+    (b'{"inputs": [[[' + b"9" * 5001 + b"]]]}", "a number too large"),
 ])
 def test_bad_input_gets_422_naming_the_problem_and_the_service_keeps_answering(client, body, problem):
     response = client.post("/predict", content=body)
@@ -156,6 +160,41 @@ def test_an_oversized_body_gets_413_declared_or_streamed(client):
     streamed = client.post("/predict", content=iter([b" " * (1 << 19)] * 4))  # chunked: no content-length
     assert declared.status_code == streamed.status_code == 413
     assert "over the limit" in declared.json()["error"]
+
+
+def test_a_body_that_is_not_json_typed_gets_415_and_too_many_rows_get_413_naming_the_limit(client):
+    form = client.post("/predict", content=b"inputs=1", headers={"content-type": "application/x-www-form-urlencoded"})
+    assert form.status_code == 415 and "application/json" in form.json()["error"]
+    typed = client.post("/predict", json={"inputs": [[[0.0] * 8] * 8]}, headers={"content-type": "application/json"})
+    assert typed.status_code == 200
+    many = post(client, np.zeros((1025, 1, 8, 8)).tolist())
+    assert many.status_code == 413 and "max_rows=1024" in many.json()["error"]
+
+
+def test_every_status_is_counted_and_an_unhandled_error_is_a_json_500_without_a_traceback(world):
+    app = create_app(config(world, drift_reference=""))
+
+    async def broken(array):
+        raise RuntimeError(f"internal detail at {world['root']}")
+
+    async def scenario():
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app, raise_app_exceptions=False), base_url="http://test") as client:
+            for _ in range(400):
+                if (await client.get("/ready")).status_code == 200:
+                    break
+                await asyncio.sleep(0.05)
+            assert (await client.post("/predict", content=b"{")).status_code == 422
+            app.state.batcher.submit = broken
+            failures = [await client.post("/predict", json={"inputs": [[[0.0] * 8] * 8]}) for _ in range(3)]
+            return failures, parse_metrics((await client.get("/metrics")).text)
+
+    failures, values = asyncio.run(scenario())
+    assert all(r.status_code == 500 and r.json()["error"].startswith("internal error (RuntimeError)")
+               for r in failures)
+    assert str(world["root"]) not in failures[0].text and "Traceback" not in failures[0].text
+    assert values['mvtk_serve_requests_total{endpoint="predict",status="500"}'] == 3
+    assert values['mvtk_serve_requests_total{endpoint="predict",status="422"}'] == 1
 
 
 def test_an_unknown_alias_gives_503_on_readiness_naming_what_exists(world):
@@ -209,6 +248,25 @@ def test_a_version_that_fails_verification_is_not_served(world, client):
     assert wait_until(lambda: client.get("/ready").json()["in_sync"], what="in sync again")
 
 
+def test_a_refused_version_is_retried_after_a_backoff_and_served_once_repaired(world, service, client):
+    registry = world["registry"]
+    bad = registry.register(NAME, trained_mlp(4))
+    blob = registry.blob_path(bad.sha256)
+    good_bytes = blob.read_bytes()
+    blob.write_bytes(good_bytes[:-8] + b"tampered")
+    before = client.get("/ready").json()["serving_version"]
+    registry.set_alias(NAME, ALIAS, bad.version)
+    ready = wait_until(lambda: (r := client.get("/ready").json())["alias_version"] == bad.version
+                       and r["problem"] and r, what="the refusal")
+    assert ready["serving_version"] == before and str(world["root"]) not in json.dumps(ready)  # no paths over HTTP
+    blob.write_bytes(good_bytes)  # repaired; the alias does not move
+    assert wait_until(lambda: client.get("/ready").json()["serving_version"] == bad.version, timeout=60,
+                      what="the retry")
+    assert f"retrying {NAME} v{bad.version}" in service.log()
+    registry.set_alias(NAME, ALIAS, before)
+    assert wait_until(lambda: client.get("/ready").json()["serving_version"] == before, what="back")
+
+
 # -- live monitoring ------------------------------------------------------------------------------------
 
 
@@ -222,6 +280,7 @@ def test_drift_alarm_rises_on_a_shifted_stream_and_not_on_a_clean_one(world, cli
         assert post(client, images.tolist()).status_code == 200
     values = metrics(client)
     assert values["mvtk_serve_drift_alarm"] == 1 and values["mvtk_serve_drift_psi"] > 0.2
+    assert values["mvtk_serve_drift_enabled"] == 1
 
 
 # -- shutting down --------------------------------------------------------------------------------------
@@ -269,16 +328,31 @@ def test_sigterm_stops_accepting_finishes_in_flight_requests_then_exits(world):
         service.stop()
 
 
-def test_no_service_process_is_left_behind(service):
-    service.stop()
-    for pid in STARTED:
-        with pytest.raises(ProcessLookupError):
-            os.killpg(pid, 0)  # each service ran in its own session: its group id is its pid
-
-
 def test_a_service_that_cannot_start_says_why(world, tmp_path):
-    with pytest.raises(ServiceError, match="no registry"):
+    with pytest.raises(ServiceError, match="no registry") as caught:
         start_service(ServeConfig(registry=str(tmp_path / "nothing"), port=0), log_path=tmp_path / "log", timeout=60)
+    assert "exited with code 2" in str(caught.value) and "--registry" in str(caught.value)
+    assert "Traceback" not in str(caught.value) and "--root" not in str(caught.value)
+
+
+def test_a_bad_setting_on_the_command_line_is_one_argparse_line(capsys):
+    with pytest.raises(SystemExit) as caught:
+        parse_args(["--model", "../evil"])
+    err = capsys.readouterr().err
+    assert caught.value.code == 2 and err.count("\n") == 1 and "error: model must be" in err and "'../evil'" in err
+
+
+def test_bootstrap_refuses_a_registry_that_holds_other_models(tmp_path):
+    registry = Registry(tmp_path / "registry")
+    registry.register("img", torch.nn.Linear(4, 2), init_args={"in_features": 4, "out_features": 2})
+    with pytest.raises(NotFoundError, match="no model named 'imgg'.*holds 'img'"):
+        ensure_model(registry, "imgg", ALIAS)
+    assert list(registry.names()) == ["img"]
+
+
+def test_a_failure_shown_over_http_has_no_colour_codes_or_paths_and_keeps_its_cause():
+    text = failure_text(ValueError("\x1b[96mcannot export\x1b[0m. Next steps:\n  the cause: /srv/reg/blobs/ab/abc.pt"))
+    assert text == "ValueError: cannot export. Next steps: the cause: <path>/abc.pt"
 
 
 # -- pieces that need no process ------------------------------------------------------------------------
@@ -365,3 +439,101 @@ def test_a_model_that_is_not_a_course_model_is_ready_with_input_shape_and_fails_
         STARTED.append(service.pid)
         answer = httpx.post(f"{service.url}/predict", json={"inputs": np.zeros((2, 12)).tolist()}, timeout=30)
     assert answer.status_code == 200 and answer.json()["version"] == 1
+
+
+# -- a model that is not a course model: refused versions, overflowing outputs, stalled clients -------------
+
+
+@pytest.fixture(scope="module")
+def tabular(tmp_path_factory):
+    """A service for 'linear': v1 a 12-feature classifier with all weights 1 (big inputs overflow), v2 a regression."""
+    root = tmp_path_factory.mktemp("tabular")
+    registry = Registry(root / "registry")
+    classifier = torch.nn.Linear(12, 3)
+    torch.nn.init.ones_(classifier.weight)
+    registry.register("linear", classifier, init_args={"in_features": 12, "out_features": 3})
+    registry.register("linear", torch.nn.Linear(12, 1), init_args={"in_features": 12, "out_features": 1})
+    registry.set_alias("linear", ALIAS, 1)
+    service = start_service(ServeConfig(registry=str(root / "registry"), model="linear", port=0, poll_s=0.05,
+                                        cache_dir=str(root / "cache"), drift_reference="", input_shape="12",
+                                        body_timeout_s=1.0), log_path=root / "tabular.log", timeout=120)
+    STARTED.append(service.pid)
+    yield {"registry": registry, "service": service}
+    service.stop()
+
+
+def test_a_version_the_service_cannot_answer_with_fails_verification_and_the_old_one_keeps_answering(tabular):
+    registry, url = tabular["registry"], tabular["service"].url
+    registry.set_alias("linear", ALIAS, 2)  # outputs (N, 1): not a classifier
+    with httpx.Client(base_url=url, timeout=10.0) as client:
+        ready = wait_until(lambda: (r := client.get("/ready")).json()["alias_version"] == 2
+                           and r.json()["problem"] and r, what="the refusal")
+        assert ready.status_code == 200 and ready.json()["serving_version"] == 1 and not ready.json()["in_sync"]
+        assert "linear v2 failed verification" in ready.json()["problem"] and "(16, 1)" in ready.json()["problem"]
+        answer = client.post("/predict", json={"inputs": np.zeros((2, 12)).tolist()})
+        assert answer.status_code == 200 and answer.json()["version"] == 1
+        values = parse_metrics(client.get("/metrics").text)
+        assert values["mvtk_serve_verification_failures"] == 1 and values["mvtk_serve_in_sync"] == 0
+        registry.set_alias("linear", ALIAS, 1)
+        wait_until(lambda: client.get("/ready").json()["in_sync"], what="in sync again")
+
+
+def test_finite_input_whose_output_overflows_gets_422_never_nan_json(tabular):
+    with httpx.Client(base_url=tabular["service"].url, timeout=10.0) as client:
+        answer = client.post("/predict", json={"inputs": [[0.5] * 12, [3e38] * 12]})
+        assert answer.status_code == 422 and "not finite (NaN/inf)" in answer.json()["error"]
+        assert "NaN" not in answer.text.replace("NaN/inf", "")
+        assert client.post("/predict", json={"inputs": [[0.5] * 12]}).status_code == 200
+
+
+def test_drift_gauges_say_no_score_when_drift_is_not_computed(tabular):
+    with httpx.Client(base_url=tabular["service"].url, timeout=10.0) as client:
+        assert client.post("/predict", json={"inputs": np.zeros((150, 12)).tolist()}).status_code == 200
+        values = parse_metrics(client.get("/metrics").text)
+    assert values["mvtk_serve_drift_enabled"] == 0
+    assert np.isnan(values["mvtk_serve_drift_psi"]) and np.isnan(values["mvtk_serve_drift_alarm"])
+
+
+def test_stale_staging_folders_of_killed_exports_are_removed_and_fresh_ones_kept(tmp_path):
+    old, fresh = tmp_path / ".staging-old", tmp_path / ".staging-new"
+    for folder in (old, fresh):
+        folder.mkdir()
+        (folder / "model.onnx").write_bytes(b"partial")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    assert remove_stale_staging(tmp_path) == [old] and not old.exists() and fresh.exists()
+    assert remove_stale_staging(tmp_path / "missing") == []
+
+
+def stalled(url: str, declared: int = 1000) -> socket.socket:
+    """A raw connection that sends the headers and the start of a body, then nothing."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {declared}\r\n\r\n{{\"inputs\": [".encode())
+    return sock
+
+
+def test_a_stalled_upload_gets_408_after_the_body_timeout(tabular):
+    began = time.monotonic()
+    answer = ""
+    with stalled(tabular["service"].url) as sock:
+        while "stalled" not in answer and (chunk := sock.recv(4096)):  # headers and body may come apart
+            answer += chunk.decode()
+    assert answer.startswith("HTTP/1.1 408") and "stalled" in answer and time.monotonic() - began < 8
+
+
+def test_sigterm_is_not_held_up_by_a_stalled_client(tabular):
+    service = tabular["service"]
+    with stalled(service.url):
+        time.sleep(0.2)
+        began = time.monotonic()
+        os.kill(service.pid, signal.SIGTERM)
+        assert service.popen.wait(20) in (0, -signal.SIGTERM) and time.monotonic() - began < 10
+
+
+def test_no_service_process_is_left_behind(service, tabular):
+    service.stop()
+    tabular["service"].stop()
+    for pid in STARTED:
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pid, 0)  # each service ran in its own session: its group id is its pid

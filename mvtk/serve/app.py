@@ -3,12 +3,14 @@
 Endpoints: `POST /predict` (one image or a batch, JSON), `GET /live` (the process answers),
 `GET /ready` (a verified model is loaded: 200, else 503 with the reason), `GET /model` (name,
 version, alias, SHA-256s) and `GET /metrics` (Prometheus). Every answer to /predict names the
-version that computed it.
+version that computed it. Every answer, an unhandled error's JSON 500 included, is counted in
+`mvtk_serve_requests_total` by endpoint and status.
 """
 from __future__ import annotations
 
 import json
 import time
+import traceback
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from mvtk.registry import Registry
 from mvtk.serve.batching import MicroBatcher
 from mvtk.serve.config import ServeConfig
 from mvtk.serve.metrics import DriftWindow, ServeMetrics
+from mvtk.serve.model import NOT_FINITE, finite_rows, remove_stale_staging
 from mvtk.serve.payload import RequestError, parse_inputs, read_body
 from mvtk.serve.watcher import AliasWatcher
 
@@ -41,8 +44,42 @@ def drift_reference(config: ServeConfig, input_shape: tuple[int, ...]) -> np.nda
     return load_dataset(source, "train", size=input_shape[1]).images.numpy()
 
 
+ENDPOINTS = {"/live": "live", "/ready": "ready", "/model": "model", "/predict": "predict", "/metrics": "metrics"}
+
+
 def _json(status: int, body: dict) -> Response:
-    return Response(json.dumps(body), status_code=status, media_type="application/json")
+    return Response(json.dumps(body, allow_nan=False), status_code=status, media_type="application/json")
+
+
+class CountAnswers:
+    """ASGI middleware: count every answer's status; an unhandled error becomes a JSON 500 naming its type (Lesson 10, §3)."""
+
+    def __init__(self, app, metrics: ServeMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        endpoint, started = ENDPOINTS.get(scope["path"], "other"), False
+
+        async def counted(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                self.metrics.requests.labels(endpoint, str(message["status"])).inc()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted)
+        except Exception as exc:
+            print(f"unhandled error answering {scope['path']}:\n{traceback.format_exc()}", flush=True)  # the log only
+            if started:
+                raise
+            body = json.dumps({"error": f"internal error ({type(exc).__name__}); the service's log has the details"})
+            await counted({"type": "http.response.start", "status": 500,
+                           "headers": [(b"content-type", b"application/json"),
+                                       (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body.encode()})
 
 
 def create_app(config: ServeConfig) -> FastAPI:
@@ -58,15 +95,22 @@ def create_app(config: ServeConfig) -> FastAPI:
             return [_run_one(model, a) for a in arrays]
         metrics.batch_rows.observe(sum(len(a) for a in arrays))
         bounds = np.cumsum([len(a) for a in arrays])[:-1]
-        return [(model, labels, probs) for labels, probs in zip(np.split(prediction.labels, bounds),
-                                                                 np.split(prediction.probabilities, bounds))]
+        return [_answer(model, labels, probs) for labels, probs in zip(np.split(prediction.labels, bounds),
+                                                                        np.split(prediction.probabilities, bounds))]
 
     def _run_one(model, array):
         try:
             prediction = model.predictor.predict(array)
         except InputShapeError as exc:
             return RequestError(422, str(exc))
-        return model, prediction.labels, prediction.probabilities
+        return _answer(model, prediction.labels, prediction.probabilities)
+
+    def _answer(model, labels, probabilities):  # finite input can overflow inside the model: never answer NaN
+        bad = ~finite_rows(probabilities)
+        if bad.any():
+            return RequestError(422, f"{NOT_FINITE} in {int(bad.sum())} of {len(bad)} row(s), first row "
+                                     f"{int(np.flatnonzero(bad)[0])}; send values of the size the model was trained on")
+        return model, labels, probabilities
 
     def on_change(watcher):  # in the watcher's thread, after every poll
         metrics.show_watcher(watcher)
@@ -79,9 +123,11 @@ def create_app(config: ServeConfig) -> FastAPI:
                 print(f"drift monitoring off: {type(exc).__name__}: {exc}", flush=True)
 
     registry = Registry(config.registry, create=False, verify_key=config.verify_key or None)
+    for staging in remove_stale_staging(config.cache_dir):
+        print(f"removed {staging}, an export's staging folder left by a stopped process", flush=True)
     watcher = AliasWatcher(registry, config.model, config.alias, cache_dir=Path(config.cache_dir),
                            poll_s=config.poll_s, threads=config.threads, on_change=on_change,
-                           input_shape=config.sample_shape)
+                           input_shape=config.sample_shape, retry_s=config.retry_s)
     batcher = MicroBatcher(run_batch, max_batch=config.max_batch if config.batching else 1,
                            max_wait_s=config.max_wait_ms / 1000 if config.batching else 0.0,
                            in_flight=lambda: state["in_flight"])
@@ -96,9 +142,9 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     app = FastAPI(title=f"mvtk serve {config.ref}", lifespan=lifespan)
     app.state.watcher, app.state.batcher, app.state.metrics = watcher, batcher, metrics
+    app.add_middleware(CountAnswers, metrics=metrics)
 
-    def answer(endpoint: str, status: int, body: dict) -> Response:
-        metrics.requests.labels(endpoint, str(status)).inc()
+    def answer(endpoint: str, status: int, body: dict) -> Response:  # counted by CountAnswers
         return _json(status, body)
 
     @app.get("/live")
@@ -126,7 +172,11 @@ def create_app(config: ServeConfig) -> FastAPI:
         metrics.in_flight.inc()
         state["in_flight"] += 1
         try:
-            array = parse_inputs(await read_body(request, config.max_body_bytes), current.input_shape)
+            array = parse_inputs(await read_body(request, config.max_body_bytes, config.body_timeout_s),
+                                 current.input_shape)
+            if len(array) > config.max_rows:
+                raise RequestError(413, f"{len(array)} images in one request is over the limit of max_rows="
+                                        f"{config.max_rows}; send them in several requests")
             current.predictor.validate(array)
             served, labels, probabilities = await batcher.submit(array)
         except RequestError as exc:
@@ -147,7 +197,6 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def prometheus():
         if state["drift"]:
             await run_in_threadpool(metrics.show_drift, state["drift"])
-        metrics.requests.labels("metrics", "200").inc()
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     return app

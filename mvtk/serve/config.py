@@ -32,13 +32,17 @@ class ServeConfig:
     max_batch: int = 64               # rows per ONNX Runtime call, at most
     max_wait_ms: float = 2.0          # how long a batch waits for more requests after the first
     max_body_bytes: int = 1 << 20     # larger request bodies get 413
+    max_rows: int = 1024              # more images (rows) in one request get 413
+    body_timeout_s: float = 10.0      # a request body that sends nothing for this long gets 408
+    shutdown_timeout_s: float = 15.0  # after SIGTERM, in-flight requests get this long to finish, then are cut
     poll_s: float = 0.5               # how often the watcher reads the alias
+    retry_s: float = 30.0             # a version that failed verification is tried again after this long
     drift_window: int = 200           # the last N served images are scored for drift (>= 100)
     drift_threshold: float = 0.2      # mean PSI above this raises the alarm (Lesson 08)
     drift_reference: str = "digits"   # the training split of this data set, or a .npy file, or "" for none
     verify_key: str = ""              # an Ed25519 public key (PEM): versions must be signed by its private key
     threads: int = 1                  # ONNX Runtime threads per call
-    bootstrap: bool = False           # train and register the course MLP first when the registry lacks `model`
+    bootstrap: bool = False           # train and register the course MLP first when the registry holds no model
     log_level: str = "warning"
     input_shape: str = ""             # one sample's shape, no batch dimension, e.g. "3,32,32": needed for a model
     #                                   that is not a course model ("" : the course model's own)
@@ -50,7 +54,11 @@ class ServeConfig:
         check_int(self.max_batch, "max_batch", low=1, high=4096)
         check_number(self.max_wait_ms, "max_wait_ms", low=0, high=10_000)
         check_int(self.max_body_bytes, "max_body_bytes", low=1024)
+        check_int(self.max_rows, "max_rows", low=1)
+        check_number(self.body_timeout_s, "body_timeout_s", low=0.1, high=3600)
+        check_number(self.shutdown_timeout_s, "shutdown_timeout_s", low=0.1, high=3600)
         check_number(self.poll_s, "poll_s", low=0.01, high=3600)
+        check_number(self.retry_s, "retry_s", low=0.1, high=86400)
         check_int(self.drift_window, "drift_window", low=100)
         check_number(self.drift_threshold, "drift_threshold", low=0, low_open=True)
         check_int(self.threads, "threads", low=1, high=256)
@@ -94,7 +102,10 @@ def _flag(value: str) -> bool:
 
 
 def parse_args(argv: list[str] | None = None) -> ServeConfig:
-    """A ServeConfig from `python -m mvtk.serve` arguments, one `--field` per setting (Lesson 10, §3)."""
+    """A ServeConfig from `python -m mvtk.serve` arguments, one `--field` per setting (Lesson 10, §3).
+
+    A value the settings refuse (e.g. `--model ../evil`) ends the program like any argparse error: one line, exit 2.
+    """
     parser = argparse.ArgumentParser(prog="python -m mvtk.serve",
                                      description="Serve a registry alias over HTTP (mvtk, Lesson 10).")
     defaults = ServeConfig.from_env()
@@ -103,7 +114,10 @@ def parse_args(argv: list[str] | None = None) -> ServeConfig:
         kind = _flag if isinstance(default, bool) else type(default)
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=default,
                             help=f"default: {default!r}")
-    return ServeConfig(**vars(parser.parse_args(argv)))
+    try:
+        return ServeConfig(**vars(parser.parse_args(argv)))
+    except InvalidArgumentError as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
 
 
 def to_args(config: ServeConfig) -> list[str]:

@@ -40,9 +40,15 @@ class ServeMetrics:
         self.in_sync = Gauge(PREFIX + "in_sync", "1 when the served version is the aliased one", registry=r)
         self.swaps = Gauge(PREFIX + "swaps", "versions swapped in since start", registry=r)
         self.refused = Gauge(PREFIX + "verification_failures", "versions that failed verification", registry=r)
-        self.drift_psi = Gauge(PREFIX + "drift_psi", "mean PSI of the served window against training", registry=r)
-        self.drift_alarm = Gauge(PREFIX + "drift_alarm", "1 when drift_psi is above the threshold", registry=r)
+        self.drift_enabled = Gauge(PREFIX + "drift_enabled", "1 when served images are scored for drift",
+                                   registry=r)
+        self.drift_psi = Gauge(PREFIX + "drift_psi", "mean PSI of the served window against training (NaN: no score)",
+                               registry=r)
+        self.drift_alarm = Gauge(PREFIX + "drift_alarm", "1 when drift_psi is above the threshold (NaN: no score)",
+                                 registry=r)
         self.drift_samples = Gauge(PREFIX + "drift_window_samples", "images in the drift window", registry=r)
+        self.drift_psi.set(float("nan"))  # no score yet is not "no drift"
+        self.drift_alarm.set(float("nan"))
 
     def show_watcher(self, watcher) -> None:
         """Copy the alias watcher's state into the gauges (Lesson 10, §6)."""
@@ -57,6 +63,7 @@ class ServeMetrics:
     def show_drift(self, window: "DriftWindow") -> None:
         """Score the drift window (when it has enough images) into the drift gauges (Lesson 10, §8)."""
         report = window.check()
+        self.drift_enabled.set(1)
         self.drift_samples.set(window.size)
         if report is not None:
             self.drift_psi.set(report.overall)
