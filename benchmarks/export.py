@@ -3,9 +3,11 @@
 `mvtk.export.deployment_map` (the function behind the lesson's §8 map) trains each course model from 3
 seeds for as long as Lesson 02 does, builds every path (fp32, bf16, torch.ao legacy int8, torchao
 int8 weight-only / dynamic / compiled, PT2E static int8, QAT, pruning + int8, neurons removed + int8,
-ONNX Runtime fp32 / dynamic int8 / static int8) and prints, per path: gzip size (like with like),
-test accuracy (mean and spread over the seeds), latency at batch 1 and 256 and its ratio to eager fp32,
-every path timed in alternating warmed-up blocks with fp32 on THREADS threads.
+ONNX Runtime fp32 / dynamic int8 / static int8, and neurons removed + ONNX Runtime int8, where the
+fraction removed is the largest that keeps each seed within 0.5 points of fp32 on VALIDATION data) and
+prints, per path: gzip size (like with like), test accuracy (mean and spread over the seeds), latency at
+batch 1 and 256 and its ratio to eager fp32, every path timed in alternating warmed-up blocks with fp32
+on THREADS threads.
 
 Targets (printed as met/MISSED; only the first decides the exit code, the others are measured, not
 asserted): ONNX Runtime >= 1.5x faster than eager PyTorch for the CNN at batch 1; static int8 CNN in ONNX

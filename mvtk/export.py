@@ -44,9 +44,9 @@ __all__ = [
     "io_names",
     "predict_logits", "manifest_path", "write_manifest", "verify_manifest", "export_onnx", "drop_source_traces", "check_onnx", "OnnxSummary", "describe_onnx",
     "onnx_files", "onnx_size", "load_session", "run_onnx", "Parity", "check_parity", "Latency",
-    "compare_latency", "engine_latencies", "quantize_onnx", "CALIBRATION_SIZE", "CALIBRATION_BATCH",
+    "compare_latency", "engine_latencies", "quantize_onnx", "MIN_INT8_CONV_DEPTH", "CALIBRATION_SIZE", "CALIBRATION_BATCH",
     "calibration_images", "quantize_onnx_static", "quantize_pt2e", "save_exported", "check_pt2_archive", "load_exported",
-    "MAP_PATHS", "MAP_BATCHES", "MAP_PRUNE_AMOUNT", "MAP_EVAL_BATCH", "MapEntry", "deployment_map", "map_table",
+    "MAP_PATHS", "MAP_BATCHES", "MAP_PRUNE_AMOUNT", "MAP_NEURON_FRACTIONS", "MAP_VAL_TOLERANCE", "MAP_EVAL_BATCH", "MapEntry", "deployment_map", "map_table",
     "plot_map", "Prediction",
     "Predictor", "cpu_eval_copy",
 ]
@@ -554,14 +554,18 @@ def _eager_runner(model: nn.Module, images: torch.Tensor) -> Callable[[], Any]:
 
 
 def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, *,
-                  op_types: Sequence[str] | None = INT8_OP_TYPES, per_channel: bool = False) -> Path:
+                  op_types: Sequence[str] | None = INT8_OP_TYPES, per_channel: bool = False,
+                  compact: bool = True) -> Path:
     """Write an int8 copy of an ONNX model with onnxruntime's quantize_dynamic; returns `dst` (Lesson 07, §5).
 
     Weights of `op_types` nodes become int8 (None: every supported op, Conv included);
     activations are quantized on the fly. The model is pre-processed (shape inference,
     graph optimisation) first, as ONNX Runtime recommends. One self-contained file is written, with
     its `<dst>.sha256` manifest; `src`'s manifest is verified first when it has one. Refused: `dst` the
-    same file as `src`, and a `src` that is already quantized.
+    same file as `src`, and a `src` that is already quantized. `compact` (default) drops what the model
+    does not run on: every node's metadata and doc string (the exporter's debug records of module names
+    and classes) and the opset imports no node uses, with onnx-ir's own passes; on the 64-128-10 MLP
+    that is 6 % of the gzipped int8 file. The graph, weights and model metadata stay.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -579,6 +583,8 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, *,
             quant_pre_process(os.fspath(src), prepared)
             quantize_dynamic(prepared, os.fspath(tmp), weight_type=QuantType.QInt8, per_channel=per_channel,
                              op_types_to_quantize=None if op_types is None else list(op_types))
+            if compact:
+                _compact_onnx(tmp)
             check_onnx(tmp)
     except OSError as exc:
         raise write_error(dst, exc, ExportError) from exc
@@ -586,6 +592,24 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, *,
     return dst
 
 
+def _compact_onnx(path) -> None:
+    """Drop every node's metadata and doc string and the unused opset imports from a fresh int8 file, in place.
+
+    onnx-ir's own passes (ClearMetadataAndDocStringPass, RemoveUnusedOpsetsPass): what goes is the
+    exporter's per-node debug records (module names and classes) and the domains the quantizer declares
+    but never uses; the graph, weights and model-level metadata (the Predictor's settings) stay. For the
+    self-contained file onnxruntime's quantizer has just written, before its manifest.
+    """
+    import onnx_ir as ir
+    from onnx_ir.passes.common import ClearMetadataAndDocStringPass, RemoveUnusedOpsetsPass
+
+    model = ir.from_proto(onnx.load(os.fspath(path)))
+    for compaction in (ClearMetadataAndDocStringPass(), RemoveUnusedOpsetsPass()):
+        compaction(model)
+    onnx.save_model(ir.to_proto(model), os.fspath(path))
+
+
+MIN_INT8_CONV_DEPTH = 32   # a Conv summing fewer products per output stays float32 in static int8 (Lesson 07, §5)
 CALIBRATION_SIZE = 64       # training images that calibrate static int8: a tie with 256 on the digits (Lesson 07, §5)
 CALIBRATION_BATCH = 32      # images per calibration batch fed to ONNX Runtime or the PT2E observers
 
@@ -600,21 +624,30 @@ def calibration_images(images: torch.Tensor, size: int = CALIBRATION_SIZE, *, se
 
 
 def quantize_onnx_static(src: str | os.PathLike, dst: str | os.PathLike, calibration: torch.Tensor | np.ndarray, *,
-                         per_channel: bool = True, batch_size: int = CALIBRATION_BATCH) -> Path:
+                         per_channel: bool = True, batch_size: int = CALIBRATION_BATCH, compact: bool = True,
+                         min_conv_depth: int = MIN_INT8_CONV_DEPTH) -> Path:
     """Write a static int8 (QDQ) copy of an ONNX model, activation ranges calibrated on `calibration` (Lesson 07, §5).
 
     onnxruntime's quantize_static after quant_pre_process: weights int8 (per output channel when
     `per_channel`), activations uint8 with a scale fixed from the min/max they reach on the
-    calibration batch (from the training split), Conv included. The graph's input must be float32
+    calibration batch (from the training split), Conv included (but see `min_conv_depth`). The graph's input must be float32
     and `calibration` a non-empty batch of finite samples of its shape; a wrong shape, an empty batch, a
     missing/invalid or already quantized `src`, or `dst` the same file as `src` raises an mvtk error
-    naming it. One self-contained file with its manifest.
+    naming it. One self-contained file with its manifest; `compact`: as in quantize_onnx.
+
+    A Conv whose outputs each sum fewer than `min_conv_depth` products (in_channels / groups x kernel
+    height x width) stays float32, its neighbours int8. Int8 kernels pay per output for im2col and
+    requantization and win it back only on long sums; a first layer on 1-channel images sums 9, and
+    ONNX Runtime runs it far faster in float32 (its NCHWc kernel): on SmallCNN its int8 conv1 took
+    about ten times its float time in ONNX Runtime's profiler. 1 quantizes every Conv;
+    benchmarks/export.py measures the result against fp32.
     """
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     src, dst = check_path(src, "src"), _check_onnx_path(dst)
     check_positive_int(batch_size, "batch_size")
+    check_positive_int(min_conv_depth, "min_conv_depth")
     _manifest_slot(dst)
     check_onnx(src)
     _check_float_onnx(src, dst)
@@ -636,13 +669,35 @@ def quantize_onnx_static(src: str | os.PathLike, dst: str | os.PathLike, calibra
         with tempfile.TemporaryDirectory() as work, atomic_write(dst) as tmp:
             prepared = os.path.join(work, "prepared.onnx")
             quant_pre_process(os.fspath(src), prepared)
+            shallow = _shallow_convs(prepared, min_conv_depth)
             quantize_static(prepared, os.fspath(tmp), Batches(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=shallow)
+            if compact:
+                _compact_onnx(tmp)
             check_onnx(tmp)
     except OSError as exc:
         raise write_error(dst, exc, ExportError) from exc
     write_manifest(dst)
     return dst
+
+
+def _shallow_convs(path: str, depth: int) -> list[str]:
+    """Names of the Conv nodes in the model at `path` whose outputs each sum fewer than `depth` products.
+
+    Depth: the weight's in_channels / groups x kernel size, read from its initializer. A shallow Conv
+    without a name gets one (the quantizer excludes nodes by name), and the model is saved again.
+    """
+    proto = onnx.load(path)
+    shapes = {t.name: tuple(t.dims) for t in proto.graph.initializer}
+    shallow = []
+    for index, node in enumerate(proto.graph.node):
+        weight = shapes.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
+        if weight is not None and len(weight) >= 3 and int(np.prod(weight[1:])) < depth:
+            node.name = node.name or f"shallow_conv_{index}"
+            shallow.append(node.name)
+    if shallow:
+        onnx.save_model(proto, path)
+    return shallow
 
 
 def quantize_pt2e(model: nn.Module, calibration: torch.Tensor, *, batch_size: int = CALIBRATION_BATCH) -> nn.Module:
@@ -942,9 +997,11 @@ class Predictor:
 
 MAP_PATHS = ("fp32", "bf16", "torch.ao int8 (legacy)", "torchao int8 weight-only", "torchao int8 dynamic",
              "torchao int8 compiled", "PT2E int8 static", "QAT int8 (torchao)", "pruned 50% + int8",
-             "neurons -50% + int8", "ORT fp32", "ORT int8 dynamic", "ORT int8 static")
+             "neurons -50% + int8", "ORT fp32", "ORT int8 dynamic", "ORT int8 static", "neurons removed + ORT int8")
 MAP_BATCHES = (1, 256)  # one request, and a batch where matrix kernels dominate
 MAP_PRUNE_AMOUNT = 0.5  # weights zeroed (global, unstructured) or hidden neurons removed, before int8
+MAP_NEURON_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5)  # "neurons removed + ORT int8" tries these, on validation data
+MAP_VAL_TOLERANCE = 0.005  # ... and keeps the largest within 0.5 points of fp32's validation accuracy
 MAP_EVAL_BATCH = 256    # accuracy is computed in batches of this size, the last one padded (one compiled shape)
 
 
@@ -957,6 +1014,7 @@ class MapEntry:
     accuracies: tuple[float, ...]  # test accuracy, one per seed
     latency_ms: dict[int, float]   # batch -> median ms, the first seed's model
     speedup: dict[int, float]      # batch -> fp32 (eager PyTorch) ms / this ms, timed in turns in one run
+    detail: str = ""               # how the path was chosen, when it was (map_table prints it under the table)
 
     @property
     def accuracy(self) -> float:
@@ -982,6 +1040,10 @@ def deployment_map(name: str, build: Callable[[], nn.Module], loaders, *, epochs
     half of `neuron_layers[0]`'s neurons. The first seed's variants are timed at MAP_BATCHES in
     alternating blocks with fp32: `repeats` calls each, or as many as fit `budget_s` per path (5 at
     least). The compiled path sees two shapes: batch 1 and MAP_EVAL_BATCH (accuracy on padded batches).
+    "neurons removed + ORT int8" removes, per seed, the largest fraction of `neuron_layers[0]`'s neurons in
+    MAP_NEURON_FRACTIONS whose float model stays within MAP_VAL_TOLERANCE of fp32's accuracy on
+    `loaders.val` (none: nothing removed), then writes ONNX Runtime dynamic int8 (quantize_onnx); the
+    fractions chosen are in its `detail`. Test data is used only to score.
     Files go below `folder`. "fp32" must be in `paths`; any single-input classifier works.
     """
     check_positive_int(epochs, "epochs")
@@ -996,6 +1058,8 @@ def deployment_map(name: str, build: Callable[[], nn.Module], loaders, *, epochs
         raise InvalidArgumentError(f"folder {str(folder)!r} is a file; deployment_map writes its models into a folder")
     test_images, test_labels = _collect(loaders.test, "loaders.test")
     train_images, _ = _collect(loaders.train, "loaders.train")
+    validation = _collect(loaders.val, "loaders.val") if "neurons removed + ORT int8" in paths else None
+    chosen: list[float] = []
     accuracies: dict[str, list[float]] = {p: [] for p in paths}
     sizes: dict[str, int] = {}
     times: dict[int, dict[str, float]] = {}
@@ -1006,8 +1070,10 @@ def deployment_map(name: str, build: Callable[[], nn.Module], loaders, *, epochs
         fit(model, loaders.train, loaders.val, epochs=epochs, progress=False)
         model = cpu_eval_copy(model)
         calibration = calibration_images(train_images, min(calibration_size, len(train_images)), seed=seed)
+        if validation is not None:
+            chosen.append(_neuron_fraction(model, neuron_layers, *validation))
         variants = _map_variants(model, paths, folder / f"{name}-seed{seed}", test_images[:2], calibration,
-                                 loaders, qat_epochs, neuron_layers)
+                                 loaders, qat_epochs, neuron_layers, chosen[-1] if chosen else 0.0)
         for label, (engine, size) in variants.items():
             predicted = _map_logits(engine, test_images, pad=label == "torchao int8 compiled").argmax(axis=1)
             accuracies[label].append(float(np.mean(predicted == test_labels.numpy())))
@@ -1020,7 +1086,9 @@ def deployment_map(name: str, build: Callable[[], nn.Module], loaders, *, epochs
                                                                    budget_s=budget_s * len(runners))))
     return [MapEntry(model=name, path=p, gzip_bytes=sizes[p], accuracies=tuple(accuracies[p]),
                      latency_ms={b: 1e3 * times[b][p] for b in MAP_BATCHES},
-                     speedup={b: times[b]["fp32"] / times[b][p] for b in MAP_BATCHES}) for p in paths]
+                     speedup={b: times[b]["fp32"] / times[b][p] for b in MAP_BATCHES},
+                     detail=_neuron_detail(neuron_layers[0], chosen) if p == "neurons removed + ORT int8" else "")
+            for p in paths]
 
 
 def map_table(entries: Sequence[MapEntry]) -> str:
@@ -1037,6 +1105,7 @@ def map_table(entries: Sequence[MapEntry]) -> str:
         line = (f"{e.model:6}{e.path:26}{e.gzip_bytes / 1024:>9.1f}{fp32.gzip_bytes / e.gzip_bytes:>8.2f}x"
                 f"{e.accuracy:>9.3f}{e.spread:>9.3f}{100 * (e.accuracy - fp32.accuracy):>+7.1f}")
         lines.append(line + "".join(f"{e.latency_ms[b]:>9.3f}{e.speedup[b]:>10.2f}x" for b in MAP_BATCHES))
+    lines += [f"{e.model} {e.path}: {e.detail}" for e in entries if e.detail]
     return "\n".join(lines)
 
 
@@ -1077,7 +1146,29 @@ def _collect(loader, what: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(inputs), torch.cat(labels)
 
 
-def _map_variants(model, paths, folder: Path, example, calibration, loaders, qat_epochs, neuron_layers) -> dict:
+def _neuron_fraction(model: nn.Module, layers: tuple[str, str], images: torch.Tensor, labels: torch.Tensor) -> float:
+    """The largest of MAP_NEURON_FRACTIONS of `layers[0]`'s neurons that can go within MAP_VAL_TOLERANCE on validation; 0 if none."""
+    def accuracy(m):
+        return float((predict_logits(m, images).argmax(dim=1) == labels).float().mean())
+    floor = accuracy(model) - MAP_VAL_TOLERANCE
+    for fraction in sorted(MAP_NEURON_FRACTIONS, reverse=True):
+        if accuracy(_without_neurons(model, layers, fraction)) >= floor:
+            return fraction
+    return 0.0
+
+
+def _without_neurons(model: nn.Module, layers: tuple[str, str], fraction: float) -> nn.Module:
+    """A copy of `model` with `fraction` of `layers[0]`'s neurons (smallest L2 norm) removed (Lesson 06, §3)."""
+    return drop_pruned_neurons(prune_neurons(copy_model(model), layers[0], fraction), *layers)
+
+
+def _neuron_detail(layer: str, fractions: Sequence[float]) -> str:
+    return (f"{', '.join(f'{f:.0%}' for f in fractions)} of {layer}'s neurons removed per seed (the most within "
+            f"{100 * MAP_VAL_TOLERANCE:g} points of fp32 on validation data)")
+
+
+def _map_variants(model, paths, folder: Path, example, calibration, loaders, qat_epochs, neuron_layers,
+                  neuron_fraction: float = 0.0) -> dict:
     """label -> (module or ONNX Runtime session, gzip bytes of its saved form), for each path asked for."""
     folder.mkdir(parents=True, exist_ok=True)
     makers = {
@@ -1090,8 +1181,7 @@ def _map_variants(model, paths, folder: Path, example, calibration, loaders, qat
         "PT2E int8 static": lambda: quantize_pt2e(model, calibration),
         "QAT int8 (torchao)": lambda: _qat_int8(model, loaders, qat_epochs),
         "pruned 50% + int8": lambda: quantize_int8(prune_global(copy_model(model), MAP_PRUNE_AMOUNT)),
-        "neurons -50% + int8": lambda: quantize_int8(drop_pruned_neurons(
-            prune_neurons(copy_model(model), neuron_layers[0], MAP_PRUNE_AMOUNT), *neuron_layers)),
+        "neurons -50% + int8": lambda: quantize_int8(_without_neurons(model, neuron_layers, MAP_PRUNE_AMOUNT)),
     }
     variants = {}
     for label in paths:
@@ -1106,6 +1196,10 @@ def _map_variants(model, paths, folder: Path, example, calibration, loaders, qat
     if "ORT int8 static" in paths:
         onnx_paths["ORT int8 static"] = quantize_onnx_static(onnx_paths["ORT fp32"], folder / "int8_static.onnx",
                                                              calibration)
+    if "neurons removed + ORT int8" in paths:
+        smaller = _without_neurons(model, neuron_layers, neuron_fraction) if neuron_fraction else model
+        onnx_paths["neurons removed + ORT int8"] = quantize_onnx(export_onnx(smaller, example, folder / "neurons.onnx"),
+                                                                 folder / "neurons_int8.onnx")
     for label, path in onnx_paths.items():
         if label in paths:
             variants[label] = (load_session(path), len(gzip.compress(path.read_bytes(), compresslevel=GZIP_LEVEL, mtime=0)))

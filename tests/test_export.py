@@ -763,3 +763,60 @@ def test_the_map_checks_its_folder_before_training(tmp_path):
     with pytest.raises(InvalidArgumentError, match="is a file"):
         export.deployment_map("conv", lambda: pytest.fail("trained before checking the folder"), tiny_loaders(),
                               epochs=1, folder=tmp_path / "a_file")
+
+
+# --- issue 17: compact int8 files, and neurons removed (chosen on validation) + ONNX Runtime int8 ------------
+
+@pytest.mark.parametrize("static", [True, False], ids=["static", "dynamic"])
+def test_int8_onnx_drops_node_metadata_and_unused_opsets_but_not_what_runs(conv_onnx, tmp_path, static):
+    import onnx
+
+    def quantize(dst, compact):
+        if static:
+            return export.quantize_onnx_static(conv_onnx[1], dst, torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(0)),
+                                               compact=compact)
+        return export.quantize_onnx(conv_onnx[1], dst, compact=compact)
+    full, compact = quantize(tmp_path / "full.onnx", False), quantize(tmp_path / "compact.onnx", True)
+    proto = onnx.load(compact)
+    assert any(node.metadata_props for node in onnx.load(full).graph.node)
+    assert not any(node.metadata_props or node.doc_string for node in proto.graph.node)
+    used = {node.domain for node in proto.graph.node}
+    assert {o.domain for o in proto.opset_import} <= used | {""}
+    assert export.onnx_size(compact) < export.onnx_size(full) and export.verify_manifest(compact)
+    images = torch.rand(16, 1, 8, 8)
+    np.testing.assert_array_equal(*(export.run_onnx(export.load_session(p), images) for p in (full, compact)))
+
+
+def test_the_map_removes_the_neurons_validation_data_allows_and_says_how_many(tmp_path):
+    def build():
+        return MLP(hidden=32)
+
+    entries = export.deployment_map("mlp", build, tiny_loaders(), epochs=1, seeds=(0, 1), repeats=2, folder=tmp_path,
+                                    paths=("fp32", "ORT int8 dynamic", "neurons removed + ORT int8"))
+    dynamic, removed = entries[1], entries[2]
+    assert removed.path == "neurons removed + ORT int8" and len(removed.accuracies) == 2
+    assert "of fc1's neurons removed per seed" in removed.detail and "validation" in removed.detail
+    fractions = [float(f) / 100 for f in removed.detail.split(" of ")[0].replace("%", "").split(", ")]
+    assert len(fractions) == 2 and all(f == 0 or f in export.MAP_NEURON_FRACTIONS for f in fractions)
+    assert removed.gzip_bytes <= dynamic.gzip_bytes
+    assert removed.detail in export.map_table(entries) and not dynamic.detail
+
+
+def test_static_int8_keeps_a_shallow_conv_float_unless_told_and_refuses_a_bad_depth(conv_onnx, tmp_path):
+    import onnx
+
+    def float_convs(path):  # Conv nodes whose weight is a plain initializer, not dequantized int8
+        proto = onnx.load(path)
+        dequantized = {out for node in proto.graph.node if node.op_type == "DequantizeLinear" for out in node.output}
+        return [node.name for node in proto.graph.node if node.op_type == "Conv" and node.input[1] not in dequantized]
+    calibration = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    default = export.quantize_onnx_static(conv_onnx[1], tmp_path / "default.onnx", calibration)  # 1 x 3 x 3 = 9 < 32
+    every = export.quantize_onnx_static(conv_onnx[1], tmp_path / "every.onnx", calibration, min_conv_depth=1)
+    assert export.MIN_INT8_CONV_DEPTH > 9 and len(float_convs(default)) == 1 and float_convs(every) == []
+    assert export.describe_onnx(default).operators.get("QuantizeLinear", 0) > 0  # the linear layers are int8
+    images = torch.rand(32, 1, 8, 8)
+    fp32, int8 = (export.run_onnx(export.load_session(p), images) for p in (conv_onnx[1], default))
+    assert np.mean(fp32.argmax(axis=1) == int8.argmax(axis=1)) >= 0.9
+    with pytest.raises(InvalidArgumentError, match="min_conv_depth"):
+        export.quantize_onnx_static(conv_onnx[1], tmp_path / "bad.onnx", calibration, min_conv_depth=0)
+    assert not (tmp_path / "bad.onnx").exists()
