@@ -568,7 +568,6 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, *,
     that is 6 % of the gzipped int8 file. The graph, weights and model metadata stay.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     src, dst = check_path(src, "src"), _check_onnx_path(dst)
     _manifest_slot(dst)
@@ -577,12 +576,24 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, *,
     if op_types is not None and (isinstance(op_types, str) or not all(isinstance(o, str) for o in op_types)):
         raise InvalidArgumentError(f"op_types must be a list of ONNX op names such as ['MatMul', 'Gemm'] or None, "
                                    f"got {op_types!r}")
+
+    def quantize(prepared, out):
+        quantize_dynamic(prepared, out, weight_type=QuantType.QInt8, per_channel=per_channel,
+                         op_types_to_quantize=None if op_types is None else list(op_types))
+
+    return _write_quantized(src, dst, quantize, compact)
+
+
+def _write_quantized(src: Path, dst: Path, quantize: Callable[[str, str], None], compact: bool) -> Path:
+    """Pre-process `src` as ONNX Runtime recommends, `quantize(prepared, out)` into `dst` atomically, compact
+    and check it, then write its manifest; the shared tail of quantize_onnx and quantize_onnx_static."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
     try:
         with tempfile.TemporaryDirectory() as work, atomic_write(dst) as tmp:
             prepared = os.path.join(work, "prepared.onnx")
             quant_pre_process(os.fspath(src), prepared)
-            quantize_dynamic(prepared, os.fspath(tmp), weight_type=QuantType.QInt8, per_channel=per_channel,
-                             op_types_to_quantize=None if op_types is None else list(op_types))
+            quantize(prepared, os.fspath(tmp))
             if compact:
                 _compact_onnx(tmp)
             check_onnx(tmp)
@@ -643,7 +654,6 @@ def quantize_onnx_static(src: str | os.PathLike, dst: str | os.PathLike, calibra
     benchmarks/export.py measures the result against fp32.
     """
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     src, dst = check_path(src, "src"), _check_onnx_path(dst)
     check_positive_int(batch_size, "batch_size")
@@ -665,20 +675,12 @@ def quantize_onnx_static(src: str | os.PathLike, dst: str | os.PathLike, calibra
         def get_next(self):
             return next(self.batches, None)
 
-    try:
-        with tempfile.TemporaryDirectory() as work, atomic_write(dst) as tmp:
-            prepared = os.path.join(work, "prepared.onnx")
-            quant_pre_process(os.fspath(src), prepared)
-            shallow = _shallow_convs(prepared, min_conv_depth)
-            quantize_static(prepared, os.fspath(tmp), Batches(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=shallow)
-            if compact:
-                _compact_onnx(tmp)
-            check_onnx(tmp)
-    except OSError as exc:
-        raise write_error(dst, exc, ExportError) from exc
-    write_manifest(dst)
-    return dst
+    def quantize(prepared, out):
+        quantize_static(prepared, out, Batches(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=_shallow_convs(prepared, min_conv_depth))
+
+    return _write_quantized(src, dst, quantize, compact)
 
 
 def _shallow_convs(path: str, depth: int) -> list[str]:
