@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import os
+from pathlib import Path
 from typing import Iterator
 
 __all__ = [
@@ -115,11 +117,8 @@ def check_number(value, name: str, *, low: float | None = None, high: float | No
     return float(value)
 
 
-def check_path(value, name: str = "path") -> "Path":
+def check_path(value, name: str = "path") -> Path:
     """`value` as a Path if it is a non-empty str or os.PathLike without NUL; else an error naming `name`."""
-    import os
-    from pathlib import Path
-
     text = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
     if not isinstance(text, str) or not text or "\x00" in text:
         shown = repr(value) if isinstance(value, str) else type(value).__name__
