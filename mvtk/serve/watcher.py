@@ -92,6 +92,7 @@ class AliasWatcher:
             self.failed_at[key] = time.monotonic()
             return
         self.failed.pop((mv.version, mv.sha256), None)
+        self.failed_at.pop((mv.version, mv.sha256), None)
         self.current, self.problem = model, None  # the swap: one assignment
         self.swaps += 1
 
